@@ -1,0 +1,251 @@
+"""Gradient estimators for E_{q(z|x)}[f(z)] with categorical z, one small class each.
+
+The contract (a strategy): an estimator is called with the encoder logits
+(B, N, K) and a cost function `cost(z)` mapping latent samples (*S, B, N, K) to
+per-example costs (*S, B) (here f(z) = -log p(x|z)). It returns
+`EstimatorOutput(loss, value)`, both (B,):
+- `loss` is a surrogate whose gradient w.r.t. the logits is the estimate
+  (the decoder, evaluated inside `cost`, always gets ordinary gradients);
+- `value` is the Monte-Carlo value of the cost to report.
+
+Adding an estimator means one subclass here and one YAML file in
+conf/estimator/; the Hydra group is the registry. Estimators whose gradient
+depends on a temperature derive from `TemperatureEstimator`, which keeps `tau`
+as a (checkpointed) buffer for the annealing callback to set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from discrete_vae import sampling
+from discrete_vae.errors import ConfigError
+
+CostFn = Callable[[Tensor], Tensor]  # z (*S, B, N, K) -> cost (*S, B)
+
+
+class EstimatorOutput(NamedTuple):
+    loss: Tensor  # (B,) surrogate: its gradient is the estimate
+    value: Tensor  # (B,) the cost to report
+
+
+class Estimator(nn.Module):
+    """Base class. Subclasses implement `forward(logits, cost) -> EstimatorOutput`."""
+
+    def check(self, num_latents: int, num_categories: int) -> None:
+        """Validate against the model's latent shape at start-up; raise ConfigError if unusable."""
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TemperatureEstimator(Estimator):
+    """An estimator with a temperature `tau` (a buffer, so it is saved in checkpoints).
+
+    `tau_min`, if given, is a floor the annealing callback never goes below (ReinMax uses it).
+    """
+
+    def __init__(self, tau: float = 1.0, tau_min: float | None = None):
+        super().__init__()
+        if not tau > 0:
+            raise ConfigError(f"estimator.tau must be positive, got {tau}")
+        if tau_min is not None and not tau_min > 0:
+            raise ConfigError(f"estimator.tau_min must be positive or null, got {tau_min}")
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.tau_min = tau_min
+
+
+class ScoreFunction(Estimator):
+    """REINFORCE / score function with an exponential-moving-average baseline (Williams 1992, Eq. 11;
+    Mnih & Gregor 2014, Sec. 3 for the baseline):
+
+        surrogate = f(z) + stopgrad(f(z) - b) * log q(z|x),   z ~ q(z|x),
+        grad = (f(z) - b) grad log q(z|x)   (unbiased: b does not depend on z).
+
+    b is the bias-corrected EMA of the batch-mean cost over past steps (0 before the first
+    step), updated after use and only in training mode; it is a buffer, saved in checkpoints.
+    """
+
+    def __init__(self, momentum: float = 0.99):
+        super().__init__()
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"estimator.momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("ema", torch.zeros(()))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def baseline(self) -> Tensor:
+        correction = 1.0 - self.momentum ** self.num_updates.clamp_min(1).to(self.ema.dtype)
+        return torch.where(self.num_updates > 0, self.ema / correction, torch.zeros_like(self.ema))
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        z = sampling.gumbel_max(logits)  # (B, N, K)
+        f = cost(z)  # (B,)
+        log_q = sampling.log_prob_categorical(logits, z)  # (B,)
+        loss = f + (f - self.baseline()).detach() * log_q
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * f.mean())
+                self.num_updates.add_(1)
+        return EstimatorOutput(loss, f)
+
+
+class RLOO(Estimator):
+    """REINFORCE leave-one-out (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples,
+    get a baseline for free!", Sec. 2): S samples z_1..z_S ~ q(z|x), costs f_i,
+
+        grad = 1/S sum_i (f_i - 1/(S-1) sum_{j != i} f_j) grad log q(z_i|x),
+
+    unbiased. The decoder's gradient is the average over the S samples.
+    """
+
+    def __init__(self, num_samples: int = 4):
+        super().__init__()
+        if int(num_samples) != num_samples or num_samples < 2:
+            raise ConfigError(
+                f"estimator.num_samples must be an integer >= 2 for rloo (the leave-one-out "
+                f"baseline needs another sample), got {num_samples}"
+            )
+        self.num_samples = int(num_samples)
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        S = self.num_samples
+        z = sampling.gumbel_max(logits, (S,))  # (S, B, N, K)
+        f = cost(z)  # (S, B)
+        log_q = sampling.log_prob_categorical(logits, z)  # (S, B)
+        baseline = (f.sum(0, keepdim=True) - f) / (S - 1)  # (S, B) mean of the others
+        loss = (f + (f - baseline).detach() * log_q).mean(0)
+        return EstimatorOutput(loss, f.mean(0))
+
+
+class GumbelSoftmax(TemperatureEstimator):
+    """Gumbel-Softmax / Concrete relaxation (Jang et al. 2017, Eq. 1; Maddison et al. 2017):
+    the decoder sees y = softmax((logits + g) / tau). Biased for tau > 0; `value` is f(y).
+    """
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        f = cost(sampling.gumbel_softmax(logits, self.tau))  # (B,)
+        return EstimatorOutput(f, f)
+
+
+class STGumbelSoftmax(TemperatureEstimator):
+    """Straight-through Gumbel-Softmax (Jang et al. 2017, Sec. 2.2): forward the hard
+    D = onehot(argmax(logits + g)), backward through softmax((logits + g) / tau).
+    """
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        f = cost(sampling.gumbel_softmax(logits, self.tau, hard=True))
+        return EstimatorOutput(f, f)
+
+
+class StraightThrough(TemperatureEstimator):
+    """Straight-through (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4): forward
+    D ~ Cat(softmax(logits)), backward through softmax(logits / tau), noise-free.
+    """
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        f = cost(sampling.categorical_straight_through(logits, self.tau))
+        return EstimatorOutput(f, f)
+
+
+class GumbelRao(TemperatureEstimator):
+    """Gumbel-Rao Monte Carlo (Paulus, Maddison & Krause 2021, Sec. 3): forward the hard
+    D = onehot(argmax(logits + g)); backward through
+
+        1/M sum_j softmax((logits + e_j) / tau),   e_j ~ p(g | argmax(logits + g) = D),
+
+    the Rao-Blackwellisation of straight-through Gumbel-Softmax over the noise given D.
+    The noise has no gradient (sampling.conditional_gumbel); the decoder is evaluated once,
+    at D. With M = 1 its expectation equals ST-Gumbel's; its variance is never larger
+    (Paulus et al. 2021, Prop. 1).
+    """
+
+    def __init__(self, tau: float = 1.0, num_mc: int = 10, tau_min: float | None = None):
+        super().__init__(tau, tau_min)
+        if int(num_mc) != num_mc or num_mc < 1:
+            raise ConfigError(f"estimator.num_mc must be a positive integer, got {num_mc}")
+        self.num_mc = int(num_mc)
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        hard = sampling.gumbel_max(logits)  # (B, N, K)
+        noise = sampling.conditional_gumbel(logits, hard, (self.num_mc,))  # (M, B, N, K)
+        soft = torch.softmax((logits + noise) / self.tau, dim=-1).mean(0)  # (B, N, K)
+        f = cost(sampling.straight_through(hard, soft))
+        return EstimatorOutput(f, f)
+
+
+class ReinMax(TemperatureEstimator):
+    """ReinMax (Liu et al. 2023, "Bridging Discrete and Backpropagation: Straight-Through
+    and Beyond", Algorithm 2), a second-order accurate straight-through estimator:
+
+        p0 = softmax(logits),  D ~ Cat(p0),
+        p1 = (D + softmax(logits / tau)) / 2,
+        p1 = softmax(stopgrad(log p1 - logits) + logits),
+        p2 = 2 p1 - p0 / 2,
+        forward D, backward through p2  (p2 - stopgrad(p2) + D).
+
+    Its authors find tau >= 1 works best: the config defaults to tau = tau_min = 1.3.
+    """
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        p0 = torch.softmax(logits, dim=-1)  # (B, N, K)
+        hard = sampling.gumbel_max(logits)
+        p1 = 0.5 * (hard + torch.softmax(logits / self.tau, dim=-1))
+        log_p1 = torch.log(p1.clamp_min(torch.finfo(p1.dtype).tiny))
+        p1 = torch.softmax((log_p1 - logits).detach() + logits, dim=-1)
+        p2 = 2.0 * p1 - 0.5 * p0
+        f = cost(sampling.straight_through(hard, p2))
+        return EstimatorOutput(f, f)
+
+
+class Exact(Estimator):
+    """Exact enumeration: E_q[f(z)] = sum over all K^N joint configurations c of q(c|x) f(c),
+    with q(c|x) = prod_n softmax(logits_n)[c_n]. Zero variance; its gradient is exact.
+
+    Configurations are evaluated `chunk_size` at a time, each chunk under activation
+    checkpointing, so memory stays bounded by one chunk in the forward and the backward.
+    K^N above `max_configs` is refused at start-up (`check`).
+    """
+
+    def __init__(self, max_configs: int = 4096, chunk_size: int = 256):
+        super().__init__()
+        if max_configs < 1 or chunk_size < 1:
+            raise ConfigError("estimator.max_configs and estimator.chunk_size must be positive")
+        self.max_configs = int(max_configs)
+        self.chunk_size = int(chunk_size)
+
+    def check(self, num_latents: int, num_categories: int) -> None:
+        total = num_categories**num_latents
+        if total > self.max_configs:
+            raise ConfigError(
+                f"estimator=exact enumerates K^N = {num_categories}^{num_latents} = {total:.4g} "
+                f"configurations (N=model.num_latents={num_latents}, K=model.num_categories="
+                f"{num_categories}), over the budget estimator.max_configs={self.max_configs}. "
+                f"Shrink the model (for example model.num_latents=2 model.num_categories=10, "
+                f"or experiment=small_exact) or raise estimator.max_configs."
+            )
+
+    @staticmethod
+    def _chunk(logits: Tensor, configs: Tensor, cost: CostFn) -> Tensor:
+        log_q = torch.einsum("cnk,bnk->cb", configs, torch.log_softmax(logits, dim=-1))  # (C, B)
+        f = cost(configs[:, None])  # (C, B)
+        return (log_q.exp() * f).sum(0)  # (B,)
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        N, K = logits.shape[-2:]
+        self.check(N, K)
+        total = K**N
+        expected = logits.new_zeros(logits.shape[:-2])  # (B,)
+        for start in range(0, total, self.chunk_size):
+            configs = sampling.enumerate_one_hot(
+                N, K, start, start + self.chunk_size, device=logits.device, dtype=logits.dtype
+            )  # (C, N, K)
+            if torch.is_grad_enabled():
+                expected = expected + checkpoint(self._chunk, logits, configs, cost, use_reentrant=False)
+            else:
+                expected = expected + self._chunk(logits, configs, cost)
+        return EstimatorOutput(expected, expected)

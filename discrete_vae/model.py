@@ -1,0 +1,149 @@
+"""The categorical-latent VAE as a LightningModule.
+
+N independent categorical latents of K categories, a uniform prior, an analytic
+KL, and a pluggable gradient estimator (discrete_vae.estimators) for the
+reconstruction term E_q[-log p(x|z)]. `training_step` is thin: it delegates to
+`_estimate`, logs tensors and returns the surrogate loss, with no host
+synchronisation. Validation and test report the true negative ELBO with a hard
+sample z ~ q(z|x), whatever the estimator, so estimators are compared on one number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from discrete_vae import sampling
+from discrete_vae.errors import ConfigError
+from discrete_vae.estimators import Estimator
+from discrete_vae.networks import Decoder, Encoder
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor  # scalar surrogate being minimised
+    neg_elbo: Tensor  # scalar, nats per image
+    recon: Tensor  # scalar
+    kl: Tensor  # scalar
+
+
+def kl_to_uniform(logits: Tensor) -> Tensor:
+    """KL(q(z|x) || Uniform) = sum_n sum_k q_nk log q_nk + N log K, analytic.  # (B, N, K) -> (B,)"""
+    N, K = logits.shape[-2:]
+    log_q = torch.log_softmax(logits, dim=-1)
+    return (log_q.exp() * log_q).sum(dim=(-2, -1)) + N * math.log(K)
+
+
+class CategoricalVAE(L.LightningModule):
+    def __init__(
+        self,
+        estimator: Estimator,
+        num_latents: int = 20,
+        num_categories: int = 10,
+        input_dim: int = 784,
+        hidden_dims: Sequence[int] = (512, 256),
+        activation: str = "ReLU",
+        optimizer: Callable | None = None,
+        num_images: int = 8,
+    ):
+        super().__init__()
+        if num_latents < 1 or num_categories < 2:
+            raise ConfigError(
+                f"model.num_latents must be >= 1 and model.num_categories >= 2, "
+                f"got {num_latents} and {num_categories}"
+            )
+        estimator.check(num_latents, num_categories)
+        self.save_hyperparameters(ignore=["estimator", "optimizer"])
+        self.estimator = estimator
+        self.encoder = Encoder(input_dim, hidden_dims, num_latents, num_categories, activation)
+        self.decoder = Decoder(input_dim, hidden_dims, num_latents, num_categories, activation)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.num_images = num_images
+        self._image_batch: Tensor | None = None
+
+    # -- the model ---------------------------------------------------------------------------
+    def cost(self, z: Tensor, x: Tensor) -> Tensor:
+        """f(z) = -log p(x|z), Bernoulli likelihood.  # z (*S, B', N, K), x (B, D) -> (*S, B)
+
+        B' is B or 1 (a configuration shared by the batch, as exact enumeration passes).
+        """
+        logits_x = self.decoder(z)  # (*S, B', D)
+        shape = torch.broadcast_shapes(logits_x.shape, x.shape)
+        bce = F.binary_cross_entropy_with_logits(logits_x.expand(shape), x.expand(shape), reduction="none")
+        return bce.sum(-1)
+
+    def _estimate(self, x: Tensor) -> StepOutput:
+        """The shared training step: the estimator's surrogate plus the analytic KL."""
+        logits = self.encoder(x)  # (B, N, K)
+        out = self.estimator(logits, lambda z: self.cost(z, x))
+        kl = kl_to_uniform(logits)  # (B,)
+        return StepOutput(
+            loss=(out.loss + kl).mean(),
+            neg_elbo=(out.value + kl).mean(),
+            recon=out.value.mean(),
+            kl=kl.mean(),
+        )
+
+    def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """True negative ELBO per image: -log p(x|z) at a hard z ~ q(z|x), plus the analytic KL.  # (B,)"""
+        logits = self.encoder(x)
+        z = sampling.gumbel_max(logits, generator=generator)
+        return self.cost(z, x) + kl_to_uniform(logits)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        out = self._estimate(batch)
+        self.log_dict(
+            {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch.shape[0],
+        )
+        return out.loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._image_batch = batch[: self.num_images]
+        self.log("val/neg_elbo", self.neg_elbo(batch).mean(), prog_bar=True, batch_size=batch.shape[0])
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.log("test/neg_elbo", self.neg_elbo(batch).mean(), batch_size=batch.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self._image_batch is None:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from torchvision.utils import make_grid
+
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            x = self._image_batch
+            recon = torch.sigmoid(self.decoder(sampling.gumbel_max(self.encoder(x))))
+            side = math.isqrt(x.shape[-1])
+            pairs = torch.cat([x, recon]).view(-1, 1, side, side)  # inputs in the first row
+            logger.experiment.add_image("val/reconstructions", make_grid(pairs, nrow=len(x)), self.global_step)
+            logger.experiment.add_image("val/samples", make_grid(self.sample_images(64), nrow=8), self.global_step)
+
+    @torch.no_grad()
+    def sample_images(self, num: int, seed: int = 0) -> Tensor:
+        """Decoded draws from the uniform prior (Bernoulli means), same prior draws each call.  # (num, 1, H, W)"""
+        N, K = self.hparams.num_latents, self.hparams.num_categories
+        generator = torch.Generator(self.device).manual_seed(seed)
+        z = sampling.gumbel_max(torch.zeros(num, N, K, device=self.device), generator=generator)
+        side = math.isqrt(self.hparams.input_dim)
+        return torch.sigmoid(self.decoder(z)).view(num, 1, side, side)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        run_config = getattr(self, "run_config", None)
+        if run_config is not None:  # lets discrete_vae.training.load_checkpoint rebuild the model
+            checkpoint["config"] = run_config
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.parameters())

@@ -1,0 +1,193 @@
+"""The one place where latent noise is drawn.
+
+Every estimator gets its randomness from the functions below, so that the
+numerics of Gumbel noise (clamped uniforms, log space) are written once and
+tested once. Shapes follow torch.distributions: `logits` is (..., K) with the
+categories last, and `sample_shape` is prepended to the result, as in
+`Distribution.rsample(sample_shape)`. Every function takes an optional
+`generator` so that callers (for example the gradient diagnostics) can draw
+without touching the global RNG stream.
+
+References
+- Gumbel (1954); Maddison, Tarlow & Minka (2014), "A* sampling": Gumbel-max.
+- Jang, Gu & Poole (2017), "Categorical Reparameterization with Gumbel-Softmax".
+- Maddison, Mnih & Teh (2017), "The Concrete Distribution".
+- Paulus, Maddison & Krause (2021), "Rao-Blackwellizing the Straight-Through
+  Gumbel-Softmax Gradient Estimator" (conditional Gumbel noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Size = tuple[int, ...] | torch.Size
+
+
+def clamp_unit(u: torch.Tensor) -> torch.Tensor:
+    """Clamp uniforms into [tiny, 1 - eps/2], the closed range where -log(-log u) is finite.
+
+    For float32 that is [1.2e-38, 1 - 2**-24], giving Gumbel noise in [-4.47, 16.6].
+    """
+    finfo = torch.finfo(u.dtype)
+    return u.clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
+
+
+def uniform(shape: Size, *, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
+    """Clamped U(0, 1) draws of the given shape (see `clamp_unit`)."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    return clamp_unit(u)
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of the standard Gumbel: g = -log(-log u), finite for every u in [0, 1]."""
+    return -torch.log(-torch.log(clamp_unit(u)))
+
+
+def gumbel(shape: Size, *, device=None, dtype=torch.float32, generator=None) -> torch.Tensor:
+    """Standard Gumbel(0, 1) noise, CDF exp(-exp(-g)) (Jang et al. 2017, Sec. 2)."""
+    return gumbel_from_uniform(uniform(shape, device=device, dtype=dtype, generator=generator))
+
+
+def _gumbel_like(logits: torch.Tensor, sample_shape: Size, generator) -> torch.Tensor:
+    shape = torch.Size(sample_shape) + logits.shape
+    return gumbel(shape, device=logits.device, dtype=logits.dtype, generator=generator)
+
+
+def one_hot_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """One-hot of argmax over the last dim, in the dtype of `scores`.  # (..., K) -> (..., K)"""
+    index = scores.argmax(dim=-1, keepdim=True)
+    return torch.zeros_like(scores).scatter_(-1, index, 1.0)
+
+
+def gumbel_max(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> torch.Tensor:
+    """Exact categorical sample as a one-hot: onehot(argmax_k(logits_k + g_k)), g ~ Gumbel(0, 1).
+
+    Gumbel-max trick (Gumbel 1954; Maddison et al. 2014; Jang et al. 2017, Sec. 2):
+    argmax(logits + g) ~ Cat(softmax(logits)). No gradient flows through it.
+    """
+    with torch.no_grad():
+        return one_hot_argmax(logits + _gumbel_like(logits, sample_shape, generator))
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Forward `hard` exactly, backward the gradient of `soft` (Bengio et al. 2013; Jang et al. 2017, Sec. 2.2).
+
+    Written as hard + (soft - soft.detach()): the bracket is exactly zero in floating
+    point, so the forward value is bit-for-bit `hard` (hard - soft.detach() + soft is not).
+    """
+    return hard + (soft - soft.detach())
+
+
+def gumbel_softmax(
+    logits: torch.Tensor,
+    tau: float | torch.Tensor,
+    sample_shape: Size = (),
+    hard: bool = False,
+    generator=None,
+) -> torch.Tensor:
+    """Gumbel-Softmax / Concrete sample y = softmax((logits + g) / tau) (Jang et al. 2017, Eq. 1;
+    Maddison et al. 2017, Eq. 10). Differentiable in `logits` (an `rsample`).
+
+    With `hard=True`, the straight-through Gumbel-Softmax (Jang et al. 2017, Sec. 2.2):
+    forward onehot(argmax(logits + g)), backward through the soft sample, same noise g.
+    """
+    perturbed = logits + _gumbel_like(logits, sample_shape, generator)  # (*S, ..., K)
+    soft = torch.softmax(perturbed / tau, dim=-1)
+    if not hard:
+        return soft
+    return straight_through(one_hot_argmax(perturbed.detach()), soft)
+
+
+def categorical_straight_through(
+    logits: torch.Tensor, tau: float | torch.Tensor, sample_shape: Size = (), generator=None
+) -> torch.Tensor:
+    """Straight-through categorical sample (Bengio et al. 2013; Jang et al. 2017, Sec. 2.2 / Sec. 4 "ST"):
+    forward D ~ Cat(softmax(logits)), backward through softmax(logits / tau), no noise in the backward.
+    """
+    hard = gumbel_max(logits, sample_shape, generator)  # (*S, ..., K)
+    return straight_through(hard, torch.softmax(logits / tau, dim=-1))
+
+
+@torch.no_grad()
+def conditional_gumbel(
+    logits: torch.Tensor, hard: torch.Tensor, sample_shape: Size = (), generator=None
+) -> torch.Tensor:
+    """Gumbel noise e ~ p(g | argmax(logits + g) = D), the draw Gumbel-Rao needs
+    (Paulus et al. 2021, Sec. 3 and App. A; construction of ../shared/seeds/000, "Gumbel-Max Trick Inference").
+
+    With a = softmax(logits), uniforms v and winner k (D = onehot(k)):
+        u_k = v_k ** a_k,   u_j = v_k ** a_j * v_j  (j != k),   e = -log(-log u).
+    In log space, with exponentials E = -log v:
+        -log u_k = a_k E_k, -log u_j = a_j E_k + E_j, so the perturbed scores are
+        z_k = logits_k + e_k = lse(logits) - log E_k                       (the winner)
+        z_j = z_k - softplus(log E_j - log a_j - log E_k) < z_k            (the others)
+    which has no cancellation even for a_k = 1e-30. Returned: e = z - logits, (*S, ..., K).
+
+    Floating point: the gap z_k - z_j is kept at least a few ulps of the operands, so that
+    argmax(logits + e) == D holds exactly after rounding; this moves probability mass of
+    order 1e-7 and nothing else. No gradient: the noise is a constant for autograd.
+    """
+    dtype, device = logits.dtype, logits.device
+    shape = torch.Size(sample_shape) + logits.shape
+    log_p = torch.log_softmax(logits, dim=-1)  # (..., K)
+    log_E = torch.log(-torch.log(uniform(shape, device=device, dtype=dtype, generator=generator)))
+    winner = hard.to(dtype).expand(shape)  # (*S, ..., K)
+    log_E_win = (log_E * winner).sum(-1, keepdim=True)  # (*S, ..., 1)
+    top = torch.logsumexp(logits, dim=-1, keepdim=True) - log_E_win  # winner's score z_k
+    gap = F.softplus(log_E - log_p - log_E_win)  # z_k - z_j for j != k
+    eps = torch.finfo(dtype).eps
+    margin = 8 * eps * (top.abs() + logits.abs().amax(-1, keepdim=True) + 1.0)
+    scores = top - torch.where(winner.bool(), torch.zeros_like(gap), gap.clamp_min(margin))
+    return scores - logits
+
+
+def enumerate_one_hot(
+    num_latents: int,
+    num_categories: int,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """All K**N joint one-hot configurations (or the slice [start, end) of them),
+    in lexicographic order (the last latent varies fastest).  # (C, N, K)
+
+    Configuration c has digits c // K**(N-1-n) % K, so chunks can be made without
+    building the whole table, which keeps exact enumeration's memory bounded.
+    """
+    total = num_categories**num_latents
+    end = total if end is None else min(end, total)
+    index = torch.arange(start, end, device=device)  # (C,)
+    powers = num_categories ** torch.arange(num_latents - 1, -1, -1, device=device)  # (N,)
+    digits = (index[:, None] // powers) % num_categories  # (C, N)
+    return F.one_hot(digits, num_categories).to(dtype)
+
+
+def log_prob_categorical(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log Cat(z; softmax(logits)) of one-hot z, summed over the N latents.  # (..., N, K) -> (...)"""
+    return (z * torch.log_softmax(logits, dim=-1)).sum(dim=(-2, -1))
+
+
+def concrete_log_prob(value: torch.Tensor, logits: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Log-density of the Concrete / Gumbel-Softmax distribution at a point of the simplex.  # (..., K) -> (...)
+
+    Jang et al. 2017, Eq. 2; Maddison et al. 2017, Definition 1:
+        p(y) = Gamma(K) tau^(K-1) (sum_i pi_i / y_i^tau)^(-K) prod_i pi_i / y_i^(tau + 1),
+    computed in log space:
+        log Gamma(K) + (K-1) log tau + sum_i (logits_i - (tau+1) log y_i) - K lse_i(logits_i - tau log y_i).
+    Invariant to adding a constant to the logits. Equals the density of
+    torch.distributions.RelaxedOneHotCategorical(tau, logits=logits).
+    """
+    K = value.shape[-1]
+    tau = torch.as_tensor(tau, dtype=value.dtype, device=value.device)
+    log_y = torch.log(value.clamp_min(torch.finfo(value.dtype).tiny))
+    return (
+        math.lgamma(K)
+        + (K - 1) * torch.log(tau)
+        + (logits - (tau + 1) * log_y).sum(-1)
+        - K * torch.logsumexp(logits - tau * log_y, dim=-1)
+    )

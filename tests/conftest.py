@@ -1,0 +1,83 @@
+"""Shared fixtures: the real data location, and the tiny estimator problem (N=2, K=3)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    """$DISCRETE_VAE_DATA if set, else ../shared/data beside the repository."""
+    root = os.environ.get("DISCRETE_VAE_DATA")
+    return Path(root).resolve() if root else (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = shared_data_root()
+    if not (root / "binarized_mnist").is_dir():
+        pytest.fail(f"the binarized MNIST is not at {root}/binarized_mnist: set DISCRETE_VAE_DATA")
+    return root
+
+
+class TinyProblem:
+    """E_q[f(z)] with N=2 latents of K=3 categories, a fixed random linear decoder to D=6
+    Bernoulli pixels and a fixed binary x: small enough to enumerate by hand."""
+
+    N, K, D = 2, 3, 6
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.logits = torch.randn(self.N, self.K, generator=g, dtype=torch.float64)  # (N, K)
+        self.weight = torch.randn(self.N * self.K, self.D, generator=g, dtype=torch.float64) * 1.5
+        self.bias = torch.randn(self.D, generator=g, dtype=torch.float64)
+        self.x = (torch.rand(self.D, generator=g) < 0.5).to(torch.float64)
+
+    def cost(self, z: torch.Tensor) -> torch.Tensor:
+        """f(z) = -log p(x|z).  # (..., N, K) -> (...)"""
+        logits_x = z.flatten(-2) @ self.weight + self.bias
+        x = self.x.expand_as(logits_x)
+        return F.binary_cross_entropy_with_logits(logits_x, x, reduction="none").sum(-1)
+
+    def exact_grad(self) -> torch.Tensor:
+        """d/dlogits of sum_z q(z) f(z) by brute force over the K^N configurations, with loops.  # (N, K)"""
+        logits = self.logits.clone().requires_grad_()
+        log_q = torch.log_softmax(logits, -1)
+        total = 0.0
+        for i in range(self.K):
+            for j in range(self.K):
+                z = torch.zeros(self.N, self.K, dtype=torch.float64)
+                z[0, i] = z[1, j] = 1.0
+                total = total + torch.exp(log_q[0, i] + log_q[1, j]) * self.cost(z)
+        (grad,) = torch.autograd.grad(total, logits)
+        return grad
+
+    def sample_grads(self, estimator, num: int) -> torch.Tensor:
+        """`num` independent gradient estimates w.r.t. the logits, in one batched call.  # (num, N, K)
+
+        The logits are replicated into a batch of `num` rows; each row's surrogate depends on
+        its own row only, so the gradient of the summed surrogate holds one estimate per row.
+        """
+        logits = self.logits.expand(num, self.N, self.K).clone().requires_grad_()
+        out = estimator(logits, self.cost)
+        (grad,) = torch.autograd.grad(out.loss.sum(), logits)
+        return grad
+
+
+@pytest.fixture
+def tiny() -> TinyProblem:
+    return TinyProblem()
+
+
+def assert_mean_matches(samples: torch.Tensor, target: torch.Tensor, z: float = 5.0, atol: float = 1e-9) -> None:
+    """Per coordinate, |mean(samples) - target| <= z * (Monte-Carlo standard error) + atol."""
+    mean = samples.mean(0)
+    se = samples.std(0) / samples.shape[0] ** 0.5
+    excess = (mean - target).abs() - (z * se + atol)
+    assert (excess <= 0).all(), f"mean {mean} vs target {target}, standard error {se}"

@@ -1,0 +1,88 @@
+"""The temperature schedule: the pure formula, the callback inside a Trainer, and a resumed run."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from discrete_vae import estimators as E
+from discrete_vae.callbacks import TemperatureAnnealing, temperature_schedule
+from discrete_vae.data import Batches
+from discrete_vae.errors import ConfigError
+from discrete_vae.model import CategoricalVAE
+
+
+def test_schedule_formula():
+    assert temperature_schedule(0, 1.0, 0.5, 1e-4, 1000) == 1.0
+    assert temperature_schedule(999, 1.0, 0.5, 1e-4, 1000) == 1.0  # held until the next interval
+    assert temperature_schedule(1000, 1.0, 0.5, 1e-4, 1000) == pytest.approx(math.exp(-0.1))
+    assert temperature_schedule(2500, 2.0, 0.5, 1e-4, 1000) == pytest.approx(2.0 * math.exp(-0.2))
+    assert temperature_schedule(10_000, 1.0, 0.5, 1e-4, 1000) == 0.5  # exp(-1) = 0.37 < tau_min
+
+
+class Recorder(L.Callback):
+    """Records (global step, tau) as the training step sees it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, pl_module.estimator.tau.item()))
+
+
+def tiny_fit(estimator, max_steps, tmp_path, ckpt_path=None, anneal=None):
+    torch.manual_seed(0)
+    data = (torch.rand(64, 16) < 0.3).to(torch.uint8)
+    model = CategoricalVAE(estimator, num_latents=2, num_categories=3, input_dim=16, hidden_dims=[8])
+    anneal = anneal or TemperatureAnnealing(tau_0=1.0, tau_min=0.5, rate=0.1, interval=3)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_steps=max_steps, callbacks=[anneal, recorder], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=Batches(data, 8, shuffle=True), ckpt_path=ckpt_path)
+    return trainer, model, recorder.seen
+
+
+def expected(step):
+    return max(0.5, math.exp(-0.1 * (step // 3) * 3))
+
+
+def test_callback_follows_the_schedule_and_resumes_exactly(tmp_path):
+    trainer, model, seen = tiny_fit(E.GumbelSoftmax(tau=1.0), 7, tmp_path)
+    assert [s for s, _ in seen] == list(range(7))
+    assert [t for _, t in seen] == pytest.approx([expected(s) for s in range(7)])
+    path = tmp_path / "step7.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["state_dict"]["estimator.tau"].item() == pytest.approx(expected(6))
+
+    _, _, resumed = tiny_fit(E.GumbelSoftmax(tau=1.0), 14, tmp_path, ckpt_path=path)
+    assert [s for s, _ in resumed] == list(range(7, 14))
+    assert [t for _, t in resumed] == pytest.approx([expected(s) for s in range(7, 14)])
+
+
+def test_estimator_floor_is_respected_unless_lowered(tmp_path):
+    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=1.3), 8, tmp_path)
+    assert all(t == pytest.approx(1.3) for _, t in seen)
+    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=None), 8, tmp_path)
+    assert [t for _, t in seen] == pytest.approx([expected(s) for s in range(8)])
+
+
+def test_callback_ignores_estimators_without_temperature(tmp_path):
+    torch.manual_seed(0)
+    data = (torch.rand(32, 16) < 0.3).to(torch.uint8)
+    model = CategoricalVAE(E.ScoreFunction(), num_latents=2, num_categories=3, input_dim=16, hidden_dims=[8])
+    trainer = L.Trainer(
+        max_steps=3, callbacks=[TemperatureAnnealing()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, train_dataloaders=Batches(data, 8, shuffle=True))
+    assert trainer.global_step == 3
+    assert "train/temperature" not in trainer.callback_metrics
+    assert "train/loss" in trainer.callback_metrics
+
+
+def test_bad_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="interval"):
+        TemperatureAnnealing(interval=0)

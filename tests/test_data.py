@@ -1,0 +1,142 @@
+"""Data: the real binarized MNIST loads exactly; bad files and missing data get clear errors;
+downloads are atomic; batches cover each split once per epoch."""
+
+import gzip
+import hashlib
+
+import pytest
+import torch
+
+from discrete_vae import data as D
+from discrete_vae.errors import DataError
+
+
+def write_amat(folder, split, rows, gz=False, transform=lambda text: text):
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(" ".join(str(v) for v in row) + "\n" for row in rows)
+    text = transform(text).encode()
+    path = folder / f"binarized_mnist_{split}.amat{'.gz' if gz else ''}"
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
+@pytest.fixture
+def small_rows(monkeypatch):
+    """Make the expected split sizes tiny so corrupt files are quick to write."""
+    monkeypatch.setattr(D, "NUM_ROWS", {"train": 5, "valid": 3, "test": 3})
+    g = torch.Generator().manual_seed(0)
+    return lambda n: (torch.rand(n, 784, generator=g) < 0.2).int().tolist()
+
+
+def test_real_binarized_mnist(data_root):
+    dm = D.BinarizedMNIST(root=str(data_root), download=False)
+    splits = dm.load_splits()
+    assert {k: tuple(v.shape) for k, v in splits.items()} == {"train": (50000, 784), "val": (10000, 784), "test": (10000, 784)}
+    assert splits["train"].dtype == torch.uint8 and splits["train"].max() == 1
+    # the mean pixel values stated in shared/data/README.md
+    for name, mean in (("train", 0.13056), ("val", 0.13113), ("test", 0.13251)):
+        assert splits[name].float().mean().item() == pytest.approx(mean, abs=5e-6)
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("DISCRETE_VAE_DATA", str(tmp_path / "env"))
+    assert D.data_root(str(tmp_path / "arg")) == tmp_path / "arg"
+    assert D.data_root(None) == tmp_path / "env"
+    monkeypatch.delenv("DISCRETE_VAE_DATA")
+    monkeypatch.chdir(tmp_path)
+    assert D.data_root(None) == tmp_path / "data"
+
+
+def test_missing_file_without_download_says_where_and_how(tmp_path):
+    with pytest.raises(DataError) as err:
+        D.BinarizedMNIST(root=str(tmp_path), download=False).load_splits()
+    message = str(err.value)
+    assert "binarized_mnist_train.amat" in message and str(tmp_path / "binarized_mnist") in message
+    assert "data.root" in message and "DISCRETE_VAE_DATA" in message and "data.download=true" in message
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_small_valid_files_load_plain_and_gzipped(tmp_path, small_rows, gz):
+    rows = {s: small_rows(n) for s, n in D.NUM_ROWS.items()}
+    for split, r in rows.items():
+        write_amat(tmp_path / "binarized_mnist", split, r, gz=gz)
+    splits = D.BinarizedMNIST(root=str(tmp_path), download=False).load_splits()
+    assert splits["train"].tolist() == rows["train"] and splits["val"].tolist() == rows["valid"]
+
+
+def test_other_whitespace_still_parses(tmp_path, small_rows):
+    rows = small_rows(5)
+    path = write_amat(tmp_path, "train", rows, transform=lambda t: t.replace("\n", " \r\n"))
+    assert D._parse_amat(path.read_bytes(), path, 5).tolist() == rows
+
+
+def test_truncated_file_is_reported(tmp_path, small_rows):
+    write_amat(tmp_path / "binarized_mnist", "train", small_rows(4), gz=True)
+    with pytest.raises(DataError, match=r"binarized_mnist_train.amat.gz has 4 lines, expected 5"):
+        D.load_binarized_mnist(tmp_path, "train", download=False)
+
+
+def test_non_binary_value_is_reported(tmp_path, small_rows):
+    rows = small_rows(5)
+    rows[2][100] = 2
+    write_amat(tmp_path / "binarized_mnist", "train", rows)
+    with pytest.raises(DataError, match=r"line 3 holds a value other than 0 or 1"):
+        D.load_binarized_mnist(tmp_path, "train", download=False)
+
+
+def test_wrong_width_is_reported(tmp_path, small_rows):
+    rows = small_rows(5)
+    rows[1] = rows[1][:-1]
+    write_amat(tmp_path / "binarized_mnist", "train", rows)
+    with pytest.raises(DataError, match=r"line 2 has 783 values, expected 784"):
+        D.load_binarized_mnist(tmp_path, "train", download=False)
+
+
+def test_corrupt_gzip_is_reported(tmp_path, small_rows):
+    path = write_amat(tmp_path / "binarized_mnist", "train", small_rows(5), gz=True)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="corrupt"):
+        D.load_binarized_mnist(tmp_path, "train", download=False)
+
+
+def test_download_is_checked_and_atomic(tmp_path, small_rows, monkeypatch):
+    source = tmp_path / "server"
+    good = write_amat(source, "test", small_rows(3))
+    monkeypatch.setattr(D, "BINARIZED_URL", source.as_uri() + "/")
+    monkeypatch.setattr(D, "AMAT_SHA256", {"test": "0" * 64})
+    with pytest.raises(DataError, match="SHA-256"):
+        D.load_binarized_mnist(tmp_path / "root", "test", download=True)
+    assert list((tmp_path / "root" / "binarized_mnist").iterdir()) == [], "no partial file is left behind"
+
+    monkeypatch.setattr(D, "AMAT_SHA256", {"test": hashlib.sha256(good.read_bytes()).hexdigest()})
+    loaded = D.load_binarized_mnist(tmp_path / "root", "test", download=True)
+    assert loaded.shape == (3, 784)
+    assert [p.name for p in (tmp_path / "root" / "binarized_mnist").iterdir()] == ["binarized_mnist_test.amat"]
+
+
+def test_failed_download_explains_the_offline_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "BINARIZED_URL", (tmp_path / "nowhere").as_uri() + "/")
+    with pytest.raises(DataError) as err:
+        D.load_binarized_mnist(tmp_path, "valid", download=True)
+    assert "could not download" in str(err.value) and "data.root" in str(err.value)
+
+
+def test_batches_cover_the_split_once_per_epoch_in_a_new_order():
+    data = torch.arange(23).repeat_interleave(2).view(23, 2).to(torch.uint8)
+    batches = D.Batches(data, batch_size=5, shuffle=True)
+    assert len(batches) == 5
+    torch.manual_seed(0)
+    first = torch.cat(list(batches))[:, 0]
+    second = torch.cat(list(batches))[:, 0]
+    assert sorted(first.tolist()) == list(range(23)) and sorted(second.tolist()) == list(range(23))
+    assert first.tolist() != second.tolist() and first.dtype == torch.float32
+    ordered = torch.cat(list(D.Batches(data, 5, shuffle=False)))[:, 0]
+    assert ordered.tolist() == list(range(23))
+
+
+def test_dynamic_binarization_draws_fresh_pixels():
+    gray = torch.full((1000, 784), 0.3)
+    torch.manual_seed(0)
+    a, b = list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0], list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0]
+    assert set(a.unique().tolist()) == {0.0, 1.0} and not torch.equal(a, b)
+    assert a.mean().item() == pytest.approx(0.3, abs=5 * (0.21 / a.numel()) ** 0.5)

@@ -1,0 +1,100 @@
+"""Estimators on the tiny problem (N=2, K=3, fixed decoder): exact is exact, sf is unbiased
+within its Monte-Carlo standard error, gumbel's bias vanishes as tau falls; plus contract checks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_mean_matches
+
+from discrete_vae import estimators as E
+from discrete_vae.errors import ConfigError
+
+
+def test_exact_matches_brute_force_gradient(tiny):
+    brute = tiny.exact_grad()
+    grad = tiny.sample_grads(E.Exact(), 1)[0]
+    assert torch.allclose(grad, brute, atol=1e-12, rtol=1e-10)
+    # small chunks (several per call, checkpointed) give the same answer
+    assert torch.allclose(tiny.sample_grads(E.Exact(chunk_size=2), 3), brute.expand(3, -1, -1), atol=1e-12)
+
+
+def test_exact_value_is_the_expected_cost(tiny):
+    out = E.Exact()(tiny.logits[None], tiny.cost)
+    q = torch.softmax(tiny.logits, -1)
+    brute = sum(
+        q[0, i] * q[1, j] * tiny.cost(F.one_hot(torch.tensor([i, j]), 3).double()) for i in range(3) for j in range(3)
+    )
+    assert torch.allclose(out.value, brute[None]) and torch.allclose(out.loss, brute[None])
+
+
+def test_score_function_is_unbiased(tiny):
+    torch.manual_seed(0)
+    sf = E.ScoreFunction(momentum=0.9)
+    sf.train()
+    for _ in range(5):  # a non-zero baseline from past steps
+        sf(tiny.logits.expand(64, -1, -1), tiny.cost)
+    assert sf.baseline().abs() > 1.0
+    sf.eval()
+    baseline = sf.baseline().clone()
+    grads = tiny.sample_grads(sf, 400_000)
+    assert torch.equal(sf.baseline(), baseline), "eval mode must not move the baseline"
+    exact = tiny.exact_grad()
+    assert_mean_matches(grads, exact, z=5.0)
+    # the bound has power: a target off by 0.05 in one coordinate is rejected
+    with pytest.raises(AssertionError):
+        assert_mean_matches(grads, exact + torch.tensor([[0.05, 0, 0], [0, 0, 0]], dtype=exact.dtype), z=5.0)
+
+
+def test_score_function_baseline_is_a_bias_corrected_ema(tiny):
+    sf = E.ScoreFunction(momentum=0.5)
+    assert sf.baseline() == 0
+    out = sf(tiny.logits.expand(10, -1, -1), tiny.cost)
+    assert torch.allclose(sf.baseline(), out.value.mean().float()), "after one step the baseline is that step's mean"
+    state = sf.state_dict()
+    assert {"ema", "num_updates"} <= set(state), "the baseline is saved in checkpoints"
+
+
+def test_gumbel_softmax_approaches_the_exact_direction_as_tau_shrinks(tiny):
+    torch.manual_seed(0)
+    exact = tiny.exact_grad().flatten()
+    cosines, biases, ses = [], [], []
+    for tau in (2.0, 1.0, 0.5, 0.1):
+        grads = tiny.sample_grads(E.GumbelSoftmax(tau=tau), 100_000).flatten(1)
+        mean = grads.mean(0)
+        cosines.append(F.cosine_similarity(mean, exact, dim=0).item())
+        biases.append((mean - exact).norm().item())
+        ses.append((grads.var(0).sum() / len(grads)).sqrt().item())
+    assert all(a < b for a, b in zip(cosines, cosines[1:])), cosines
+    assert cosines[-1] > 0.999, cosines
+    assert biases[0] > 20 * ses[0], "at tau=2 the relaxation is clearly biased"
+
+
+@pytest.mark.parametrize("cls", [E.STGumbelSoftmax, E.StraightThrough, E.GumbelSoftmax])
+def test_temperature_is_a_checkpointed_buffer(cls):
+    est = cls(tau=0.7)
+    assert "tau" in est.state_dict() and est.tau.item() == pytest.approx(0.7)
+
+
+def test_straight_through_estimators_report_the_cost_at_a_hard_sample(tiny):
+    torch.manual_seed(0)
+    logits = tiny.logits.expand(1000, -1, -1)
+    support = {round(tiny.cost(F.one_hot(torch.tensor([i, j]), 3).double()).item(), 9) for i in range(3) for j in range(3)}
+    for est in (E.STGumbelSoftmax(0.5), E.StraightThrough(0.5), E.GumbelRao(0.5, num_mc=3), E.ReinMax(1.3)):
+        values = {round(v, 9) for v in est(logits, tiny.cost).value.tolist()}
+        assert values <= support, type(est).__name__
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: E.GumbelSoftmax(tau=0), lambda: E.ScoreFunction(momentum=1.0), lambda: E.Exact(max_configs=0)],
+)
+def test_bad_estimator_settings_are_config_errors(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_exact_refuses_over_budget_at_start_up():
+    with pytest.raises(ConfigError) as err:
+        E.Exact(max_configs=4096).check(num_latents=20, num_categories=10)
+    message = str(err.value)
+    assert "20" in message and "10" in message and "4096" in message and "model.num_latents=2" in message

@@ -1,0 +1,106 @@
+"""End to end through scripts/train.py on the real binarized MNIST: every estimator trains a few
+steps, writes the TensorBoard tags, hparams and a checkpoint; a multirun names runs by overrides;
+config mistakes get clear messages, not tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+ESTIMATORS = sorted(p.stem for p in (REPO / "conf" / "estimator").glob("*.yaml"))
+TINY = [
+    "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+]
+
+
+def run_train(args, data_root, check=True):
+    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def latent_overrides(name):
+    return ["model.num_latents=2", "model.num_categories=10"] if name == "exact" else []
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([f"estimator={name}", *latent_overrides(name), *TINY, f"hydra.run.dir={run_dir}"], data_root)
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    expected = {"train/loss", "train/neg_elbo", "train/recon", "train/kl", "val/neg_elbo", "test/neg_elbo"}
+    assert expected <= scalars, scalars
+    has_tau = name in {"gumbel", "st_gumbel", "st", "gumbel_rao", "reinmax"}
+    assert ("train/temperature" in scalars) == has_tau
+    assert {"val/reconstructions", "val/samples"} <= images
+    assert len(events.Scalars("train/loss")) == 4
+    val = events.Scalars("val/neg_elbo")[-1].value
+    assert 50 < val < 600, "a negative ELBO in nats per binarized MNIST image"
+
+    hparams = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert "val/neg_elbo" in {m.name.tag for m in experiment.metric_infos}
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["choice/estimator"].string_value == name
+    assert session.hparams["model/num_latents"].number_value == (2 if name == "exact" else 20)
+
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and any(c.startswith("best") for c in checkpoints)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["config"]["seed"] == 0 and any(k.startswith("encoder.") for k in state["state_dict"])
+    assert ("estimator.tau" in state["state_dict"]) == has_tau
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["estimator"] == name and metrics["steps"] == 4
+    assert metrics["metrics"]["val/neg_elbo"] == pytest.approx(val, rel=1e-5)
+
+
+def test_multirun_names_runs_by_their_overrides(data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "estimator=gumbel,st", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # budgets like limit_*_batches are excluded from the name; max_epochs is part of it
+    assert runs == ["estimator=gumbel,seed=2,trainer.max_epochs=1", "estimator=st,seed=2,trainer.max_epochs=1"]
+    for run in runs:
+        assert list((sweep / run).glob("events.out.tfevents.*")), run
+        assert (sweep / run / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((sweep / run / "metrics.json").read_text())["seed"] == 2
+
+
+def test_exact_over_budget_is_refused_with_a_clear_message(data_root, tmp_path):
+    proc = run_train(["estimator=exact", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], data_root, check=False)
+    assert proc.returncode != 0
+    assert "10^20" in proc.stderr and "max_configs=4096" in proc.stderr and "model.num_latents=2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_is_a_clear_message(tmp_path, data_root):
+    proc = run_train(["data.download=false", f"data.root={tmp_path}", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], data_root, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "binarized_mnist_train.amat" in proc.stderr and "data.download=false" in proc.stderr
+
+
+def test_unknown_estimator_lists_the_available_ones(data_root, tmp_path):
+    proc = run_train(["estimator=nope", f"hydra.run.dir={tmp_path}"], data_root, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'estimator/nope'" in proc.stderr
+    for name in ESTIMATORS:
+        assert name in proc.stderr
+
+
+def test_help_shows_the_groups(data_root):
+    proc = run_train(["--help"], data_root)
+    for group in ("data", "model", "estimator", "trainer", "callbacks", "logger"):
+        assert f"{group}:" in proc.stdout, proc.stdout
+    assert "st_gumbel" in proc.stdout

@@ -1,7 +1,9 @@
-"""Lightning callbacks: the temperature schedule (and, later, gradient diagnostics).
+"""Lightning callbacks: the temperature schedule, and gradient diagnostics during training.
 
 The schedule is a pure function of the global step, so a resumed run continues it
 exactly: the callback recomputes tau from `trainer.global_step` before every batch.
+`GradientStats` runs discrete_vae.diagnostics on a held-out batch every n steps and logs
+the gradient's variance, bias, cosine and SNR, without changing the training trajectory.
 """
 
 from __future__ import annotations
@@ -54,3 +56,101 @@ class TemperatureAnnealing(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._synced = False  # recompute on the first batch, also after a resume
+
+
+class GradientStats(L.Callback):
+    """Every `every_n_steps` steps, logs `grad/variance`, `grad/bias`, `grad/bias_se`, `grad/cosine`
+    and `grad/snr` of the estimator being trained (discrete_vae.diagnostics: `num_estimates`
+    encoder-gradient estimates on a fixed held-out batch, against the exact or an RLOO reference).
+
+    The held-out batch is the first `batch_size` validation images, taken once. The callback
+    leaves the training trajectory bit-for-bit unchanged: it runs before the step's batch
+    (after the temperature callback has set this step's tau), inside `torch.random.fork_rng`
+    so that its draws do not advance the training RNG stream, with the estimator in eval mode
+    (restored after), and with `torch.autograd.grad` only (no `.grad` on any parameter).
+    Metrics go straight to the trainer's loggers at the current global step.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_estimates: int = 100,
+        batch_size: int = 100,
+        max_configs: int = 4096,
+        reference_estimates: int = 500,
+        reference_num_samples: int = 10,
+        chunk_size: int | None = None,
+    ):
+        checks = {
+            "every_n_steps": every_n_steps >= 1,
+            "num_estimates": num_estimates >= 2,
+            "batch_size": batch_size >= 1,
+            "max_configs": max_configs >= 1,
+            "reference_estimates": reference_estimates >= 2,
+            "reference_num_samples": reference_num_samples >= 2,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                f"callbacks.grad_stats: {', '.join(bad)} out of range; need every_n_steps >= 1, "
+                f"num_estimates >= 2, batch_size >= 1, max_configs >= 1, reference_estimates >= 2 and "
+                f"reference_num_samples >= 2 (got every_n_steps={every_n_steps}, num_estimates={num_estimates}, "
+                f"batch_size={batch_size}, max_configs={max_configs}, reference_estimates={reference_estimates}, "
+                f"reference_num_samples={reference_num_samples})"
+            )
+        self.every_n_steps, self.num_estimates, self.batch_size = every_n_steps, num_estimates, batch_size
+        self.reference_options = dict(
+            max_configs=max_configs, num_estimates=reference_estimates, num_samples=reference_num_samples
+        )
+        self.chunk_size = chunk_size
+        self.batch: torch.Tensor | None = None
+        self.last_report = None  # the latest diagnostics.GradientReport, for inspection
+        self._last_step = -1
+
+    def _held_out_batch(self, trainer: L.Trainer, device: torch.device) -> torch.Tensor:
+        """The first `batch_size` validation images (iterating a loader may draw random numbers:
+        the caller holds a forked RNG)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        loaders = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        rows, count = [], 0
+        for batch in loaders or ():
+            batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+            rows.append(batch[: self.batch_size - count])
+            count += len(rows[-1])
+            if count >= self.batch_size:
+                break
+        if not rows:
+            raise ConfigError(
+                "callbacks.grad_stats needs validation data for its held-out batch: give the Trainer a "
+                "datamodule with val_dataloader() (scripts/train.py does) or val_dataloaders"
+            )
+        return torch.cat(rows).to(device=device, dtype=torch.float32)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or step == self._last_step:
+            return
+        self._last_step = step
+        from discrete_vae.diagnostics import gradient_diagnostics
+
+        device = pl_module.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.batch is None:
+                self.batch = self._held_out_batch(trainer, device)
+            report = gradient_diagnostics(
+                pl_module, self.batch, pl_module.estimator, self.num_estimates,
+                chunk_size=self.chunk_size, timing_repeats=0, reference_options=self.reference_options,
+            )
+        self.last_report = report
+        metrics = {
+            "grad/variance": report.variance,
+            "grad/bias": report.bias,
+            "grad/bias_se": report.bias_se,
+            "grad/cosine": report.cosine,
+            "grad/snr": report.snr,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

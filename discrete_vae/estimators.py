@@ -188,8 +188,12 @@ class ReinMax(TemperatureEstimator):
         p2 = 2 p1 - p0 / 2,
         forward D, backward through p2  (p2 - stopgrad(p2) + D).
 
-    Its authors find tau >= 1 works best: the config defaults to tau = tau_min = 1.3.
+    Its authors find tau >= 1 works best: tau defaults to 1.3, and so does the floor tau_min
+    that the annealing callback respects (pass tau_min=None to anneal ReinMax).
     """
+
+    def __init__(self, tau: float = 1.3, tau_min: float | None = 1.3):
+        super().__init__(tau, tau_min)
 
     def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
         p0 = torch.softmax(logits, dim=-1)  # (B, N, K)

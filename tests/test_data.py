@@ -140,3 +140,37 @@ def test_dynamic_binarization_draws_fresh_pixels():
     a, b = list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0], list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0]
     assert set(a.unique().tolist()) == {0.0, 1.0} and not torch.equal(a, b)
     assert a.mean().item() == pytest.approx(0.3, abs=5 * (0.21 / a.numel()) ** 0.5)
+
+
+def write_idx_mnist(root, n_train, n_test):
+    """Tiny torchvision-format MNIST (IDX files) under root/MNIST/raw."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        pixels = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + pixels.numpy().tobytes())
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+
+
+def test_dynamic_mnist_splits_and_binarization(tmp_path):
+    write_idx_mnist(tmp_path, n_train=30, n_test=7)
+    dm = D.DynamicMNIST(root=str(tmp_path), download=False, num_val=10, batch_size=4)
+    splits = dm.load_splits()
+    assert splits["train"].shape == (20, 784) and splits["val"].shape == (10, 784) and splits["test"].shape == (7, 784)
+    assert splits["train"].dtype == torch.float32 and 0 < splits["train"].max() <= 1  # grayscale in [0, 1]
+    assert set(splits["val"].unique().tolist()) <= {0, 1} and set(splits["test"].unique().tolist()) <= {0, 1}
+    # the held-out split and its binarization are fixed by the seed
+    again = D.DynamicMNIST(root=str(tmp_path), download=False, num_val=10).load_splits()
+    assert torch.equal(splits["val"], again["val"]) and torch.equal(splits["train"], again["train"])
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (4, 784) and set(batch.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_dynamic_mnist_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data.download=true"):
+        D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()

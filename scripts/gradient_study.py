@@ -1,0 +1,226 @@
+"""Compare gradient estimators on one model and one batch: variance, bias, cosine, SNR, time.
+
+    python scripts/gradient_study.py model.num_latents=2 model.num_categories=10   # exact reference
+    python scripts/gradient_study.py                      # N=20, K=10: RLOO reference, exact skipped
+    python scripts/gradient_study.py ckpt_path=outputs/.../checkpoints/last.ckpt num_estimates=500
+
+For each estimator (default: every conf/estimator/*.yaml) it runs discrete_vae.diagnostics on
+the first `batch_size` validation images and writes gradient_study.md (the table),
+gradient_study.csv (every statistic) and gradient_study.png (variance and bias, log scale)
+into the Hydra run directory. Config: conf/gradient_study.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import platform
+import sys
+import zlib
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from discrete_vae import diagnostics
+from discrete_vae.errors import ConfigError, find_user_error
+from discrete_vae.estimators import RLOO, ScoreFunction, TemperatureEstimator
+from discrete_vae.training import load_checkpoint
+
+ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
+log = logging.getLogger("discrete_vae.gradient_study")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def load_model(cfg: DictConfig, device: torch.device):
+    """The checkpoint's model, or a fresh one initialised with `seed`; and a line describing it."""
+    if cfg.ckpt_path:
+        model, _ = load_checkpoint(cfg.ckpt_path)
+        weights = f"checkpoint {cfg.ckpt_path}"
+    else:
+        torch.manual_seed(cfg.seed)
+        model = instantiate(cfg.model, estimator=RLOO())  # the model's own estimator is not used
+        weights = f"fresh initialisation (seed {cfg.seed})"
+    return model.to(device), weights
+
+
+def validation_batch(cfg: DictConfig, device: torch.device) -> torch.Tensor:
+    """The first `batch_size` validation images.  # (B, D)"""
+    val = instantiate(cfg.data).load_splits()["val"]
+    if cfg.batch_size < 1 or cfg.batch_size > len(val):
+        raise ConfigError(f"batch_size must be in [1, {len(val)}] (the validation images), got {cfg.batch_size}")
+    return val[: cfg.batch_size].to(device=device, dtype=torch.float32)
+
+
+def build_estimators(cfg: DictConfig, num_latents: int, num_categories: int, device: torch.device):
+    """(name, estimator) for each requested YAML file; estimators whose `check` refuses the model
+    (exact over its budget) are skipped with a printed note."""
+    available = sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
+    names = list(cfg.estimators) if cfg.estimators is not None else available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ConfigError(f"estimators: unknown {unknown}; choose from {available} (files in {ESTIMATOR_DIR})")
+    chosen, notes = [], []
+    for name in names:
+        node = OmegaConf.merge(OmegaConf.load(ESTIMATOR_DIR / f"{name}.yaml"), cfg.estimator_options.get(name, {}))
+        estimator = instantiate(node).to(device)
+        try:
+            estimator.check(num_latents, num_categories)
+        except ConfigError as err:
+            notes.append(f"skipped {name}: {err}")
+            print(f"note: skipping estimator {name}: {err}")
+            continue
+        if cfg.temperature is not None and isinstance(estimator, TemperatureEstimator):
+            estimator.tau.fill_(float(cfg.temperature))
+        chosen.append((name, estimator))
+    return chosen, notes
+
+
+def warm_baseline(model, x: torch.Tensor, estimator: ScoreFunction) -> None:
+    """One training-mode forward: the bias-corrected EMA becomes the batch-mean cost of one draw."""
+    estimator.train()
+    with torch.no_grad():
+        estimator(model.encoder(x), lambda z: model.cost(z, x))
+    estimator.eval()
+
+
+def seed_for(cfg: DictConfig, name: str) -> int:
+    """A seed per estimator name: results do not depend on the order of the list, and no
+    estimator shares its random stream with the reference."""
+    return (int(cfg.seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "inf" if math.isinf(value) else f"{value:.{digits}g}"
+
+
+def markdown(rows: list[dict], header: list[str]) -> str:
+    lines = [
+        "| estimator | tau | variance | bias ± SE | cosine | SNR | ms / estimate |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['estimator']}` | {r['tau']} | {fmt(r['variance'])} | {fmt(r['bias'])} ± {fmt(r['bias_se'], 2)} "
+            f"| {r['cosine']:.4f} | {fmt(r['snr'])} | {fmt(1e3 * r['seconds_per_estimate'])} |"
+        )
+    return "\n".join([*(f"- {h}" for h in header), "", *lines, ""])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["estimator"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "variance", "total variance tr Cov"), (axes[1], "bias", "bias ||mean - ref|| ± SE")):
+        values = [r[key] for r in rows]
+        errors = [r["bias_se"] if key == "bias" else 0.0 for r in rows]
+        positive = [v for v in values if v > 0]
+        floor = min(positive) / 10 if positive else 1.0
+        ax.bar(names, [max(v, floor) for v in values], yerr=errors if key == "bias" else None,
+               color=["C0" if v > 0 else "lightgrey" for v in values], capsize=3)
+        for i, v in enumerate(values):
+            if v <= 0:
+                ax.annotate("0", (i, floor), ha="center", va="bottom")
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study(cfg: DictConfig) -> list[dict]:
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = pick_device(cfg.device)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    model, weights = load_model(cfg, device)
+    N, K = model.encoder.shape
+    x = validation_batch(cfg, device)
+    estimators, notes = build_estimators(cfg, N, K, device)
+
+    torch.manual_seed(seed_for(cfg, "reference"))
+    reference = diagnostics.reference_gradient(model, x, chunk_size=cfg.chunk_size, **cfg.reference)
+    print(f"reference: {reference.describe()}")
+    rows = []
+    for name, estimator in estimators:
+        torch.manual_seed(seed_for(cfg, name))
+        if isinstance(estimator, ScoreFunction) and cfg.warm_baseline:
+            warm_baseline(model, x, estimator)
+        report = diagnostics.gradient_diagnostics(
+            model, x, estimator, cfg.num_estimates, reference=reference, name=name,
+            chunk_size=cfg.chunk_size, timing_repeats=cfg.timing_repeats,
+        )
+        tau = getattr(estimator, "tau", None)
+        rows.append({**report.row(), "tau": "-" if tau is None else f"{float(tau):g}"})
+        print(f"{name}: {report}")
+
+    hardware = (
+        torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({cpu_name()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    )
+    header = [
+        f"model: N={N} latents, K={K} categories, hidden {list(model.hparams.hidden_dims)}; weights: {weights}",
+        f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
+        f"gradient of the training loss w.r.t. the encoder parameters",
+        f"reference: {reference.describe()}",
+        f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all'}"
+        + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else ""),
+        f"device: {hardware}; torch {torch.__version__}",
+        *notes,
+    ]
+    table = markdown(rows, header)
+    print(table)
+    (output_dir / "gradient_study.md").write_text(table)
+    with open(output_dir / "gradient_study.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["estimator"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        plot(rows, output_dir / "gradient_study.png", f"N={N}, K={K}; reference: {reference.describe()}")
+    print(f"wrote gradient_study.md, .csv, .png in {output_dir}")
+    return rows
+
+
+@hydra.main(config_path="../conf", config_name="gradient_study", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        study(cfg)
+    except Exception as err:  # a user's mistake gets its message, not a traceback
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        log.error(str(user_error))
+        sys.exit(f"error: {user_error}")
+
+
+if __name__ == "__main__":
+    main()

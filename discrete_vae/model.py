@@ -51,12 +51,18 @@ class CategoricalVAE(L.LightningModule):
         activation: str = "ReLU",
         optimizer: Callable | None = None,
         num_images: int = 8,
+        test_iwae_samples: int = 50,
     ):
         super().__init__()
         if num_latents < 1 or num_categories < 2:
             raise ConfigError(
                 f"model.num_latents must be >= 1 and model.num_categories >= 2, "
                 f"got {num_latents} and {num_categories}"
+            )
+        if int(test_iwae_samples) != test_iwae_samples or test_iwae_samples < 0:
+            raise ConfigError(
+                f"model.test_iwae_samples must be a non-negative integer (0 turns test/nll_iwae off), "
+                f"got {test_iwae_samples}"
             )
         estimator.check(num_latents, num_categories)
         self.save_hyperparameters(ignore=["estimator", "optimizer"])
@@ -65,6 +71,7 @@ class CategoricalVAE(L.LightningModule):
         self.decoder = Decoder(input_dim, hidden_dims, num_latents, num_categories, activation)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.num_images = num_images
+        self.test_iwae_samples = int(test_iwae_samples)
         self._image_batch: Tensor | None = None
 
     # -- the model ---------------------------------------------------------------------------
@@ -114,6 +121,11 @@ class CategoricalVAE(L.LightningModule):
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         self.log("test/neg_elbo", self.neg_elbo(batch).mean(), batch_size=batch.shape[0])
+        if self.test_iwae_samples > 0:  # the importance-weighted bound with m samples per image
+            from discrete_vae.evaluation import iwae_bound  # evaluation imports this module
+
+            nll = iwae_bound(self, batch, self.test_iwae_samples)
+            self.log("test/nll_iwae", nll.mean(), batch_size=batch.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self._image_batch is None:

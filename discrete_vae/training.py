@@ -16,25 +16,34 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from discrete_vae.errors import ConfigError, find_user_error
 from discrete_vae.model import CategoricalVAE
 
 log = logging.getLogger(__name__)
 
 
 def build_model(cfg: DictConfig) -> CategoricalVAE:
-    """The estimator, then the model around it (which checks the estimator's budget)."""
-    return instantiate(cfg.model, estimator=instantiate(cfg.estimator))
+    """The estimator, then the model around it (which checks the estimator's budget).
+
+    A user's mistake (ConfigError) is raised as itself, not wrapped in Hydra's InstantiationException.
+    """
+    try:
+        return instantiate(cfg.model, estimator=instantiate(cfg.estimator))
+    except InstantiationException as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CategoricalVAE, DictConfig]:
     """A model and its training config from a checkpoint written by `train`."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     if "config" not in checkpoint:
-        from discrete_vae.errors import ConfigError
-
         raise ConfigError(f"{path} holds no training config; it was not written by scripts/train.py")
     cfg = OmegaConf.create(checkpoint["config"])
     model = build_model(cfg)
@@ -79,11 +88,34 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, then test the best checkpoint; write metrics.json into the run directory."""
+    """Fit, then test the best checkpoint; write metrics.json into the run directory.
+
+    A run that raises still writes metrics.json, with status "failed" and the error, so that
+    scripts/report.py lists it; the exception is then re-raised.
+    """
     start = time.perf_counter()
+    output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    try:
+        return _fit_and_test(cfg, output_dir, start)
+    except Exception as err:
+        summary = run_summary(cfg)
+        record = {
+            "estimator": summary["choices"].get("estimator"),
+            "overrides": summary["overrides"],
+            "seed": cfg.get("seed"),
+            "wall_time_s": round(time.perf_counter() - start, 2),
+            "metrics": {},
+            "status": "failed",
+            "error": f"{type(err).__name__}: {find_user_error(err) or err}",
+        }
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        raise
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float) -> dict[str, Any]:
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
 
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)

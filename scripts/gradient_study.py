@@ -13,11 +13,9 @@ into the Hydra run directory. Config: conf/gradient_study.yaml.
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import os
 import platform
-import sys
 import zlib
 from pathlib import Path
 
@@ -28,12 +26,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae import diagnostics
-from discrete_vae.errors import ConfigError, find_user_error
+from discrete_vae.errors import ConfigError, exit_on_user_error
 from discrete_vae.estimators import RLOO, ScoreFunction, TemperatureEstimator
 from discrete_vae.training import load_checkpoint
 
 ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
-log = logging.getLogger("discrete_vae.gradient_study")
 
 
 def pick_device(name: str) -> torch.device:
@@ -211,15 +208,9 @@ def study(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(config_path="../conf", config_name="gradient_study", version_base="1.3")
+@exit_on_user_error  # a user's mistake gets its message, not a traceback
 def main(cfg: DictConfig) -> None:
-    try:
-        study(cfg)
-    except Exception as err:  # a user's mistake gets its message, not a traceback
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        log.error(str(user_error))
-        sys.exit(f"error: {user_error}")
+    study(cfg)
 
 
 if __name__ == "__main__":

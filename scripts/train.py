@@ -5,26 +5,17 @@
     python scripts/train.py --help        # the config groups and their options
 """
 
-import logging
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from discrete_vae.errors import find_user_error
+from discrete_vae.errors import exit_on_user_error
 from discrete_vae.training import train
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@exit_on_user_error  # a user's mistake gets its message, not a traceback
 def main(cfg: DictConfig) -> float | None:
-    try:
-        record = train(cfg)
-    except Exception as err:  # a user's mistake gets its message, not a traceback
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        logging.getLogger("discrete_vae").error(str(user_error))
-        sys.exit(f"error: {user_error}")
+    record = train(cfg)
     return record["metrics"].get("val/neg_elbo")  # for Hydra sweepers that optimise
 
 

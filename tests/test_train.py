@@ -40,7 +40,7 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    expected = {"train/loss", "train/neg_elbo", "train/recon", "train/kl", "val/neg_elbo", "test/neg_elbo"}
+    expected = {"train/loss", "train/neg_elbo", "train/recon", "train/kl", "val/neg_elbo", "test/neg_elbo", "test/nll_iwae"}
     assert expected <= scalars, scalars
     has_tau = name in {"gumbel", "st_gumbel", "st", "gumbel_rao", "reinmax"}
     assert ("train/temperature" in scalars) == has_tau
@@ -76,6 +76,17 @@ def test_multirun_names_runs_by_their_overrides(data_root, tmp_path):
         assert list((sweep / run).glob("events.out.tfevents.*")), run
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()
         assert json.loads((sweep / run / "metrics.json").read_text())["seed"] == 2
+
+
+def test_a_refused_job_does_not_stop_the_sweep(data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "estimator=exact,st", *TINY, f"hydra.sweep.dir={sweep}"], data_root, check=False)
+    assert proc.returncode != 0, "the sweep reports the failed job"
+    assert "Error executing job with overrides" in proc.stderr and "max_configs=4096" in proc.stderr
+    failed = json.loads((sweep / "estimator=exact,trainer.max_epochs=1" / "metrics.json").read_text())
+    assert failed["status"] == "failed" and "max_configs" in failed["error"]
+    finished = json.loads((sweep / "estimator=st,trainer.max_epochs=1" / "metrics.json").read_text())
+    assert finished["status"] == "finished" and finished["steps"] == 4
 
 
 def test_exact_over_budget_is_refused_with_a_clear_message(data_root, tmp_path):

@@ -1,0 +1,167 @@
+"""Likelihood bounds of a trained categorical VAE, in nats per image.
+
+Training and validation report one number, the negative ELBO at one hard sample.
+To compare estimators on the quantity a VAE is meant to model, log p(x), this
+module computes, per image:
+
+- `neg_elbo`: E_q[-log p(x|z)] + KL(q(z|x) || p(z)), the reconstruction term averaged
+  over m hard samples z_i ~ q(z|x), the KL analytic (Kingma & Welling 2014, Eq. 7);
+- `nll_iwae`: the importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, Eq. 8)
+
+      -log p(x) <= -log (1/m) sum_i w_i,   w_i = p(x, z_i) / q(z_i | x),   z_i ~ q(z|x),
+
+  which tightens monotonically in m (their Theorem 1) and tends to -log p(x) as m grows;
+- `nll_exact`: -log p(x) = -log sum_z p(z) p(x|z) over all K^N configurations, when K^N
+  fits the enumeration budget (discrete_vae.estimators.Exact), else absent.
+
+The prior is uniform: log p(z) = -N log K. Everything is in log space (logsumexp),
+and memory is bounded whatever m or K^N: samples and configurations are processed in
+chunks of at most `max_rows` (sample, image) rows, with a running logsumexp. Samples
+come from discrete_vae.sampling.gumbel_max with an explicit torch.Generator, so an
+evaluation with a fixed seed is reproducible and leaves the global RNG untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from discrete_vae import sampling
+from discrete_vae.errors import ConfigError
+from discrete_vae.estimators import Exact
+from discrete_vae.model import CategoricalVAE, kl_to_uniform
+
+# (sample or configuration, image) rows per chunk: each chunk holds a few tensors of
+# max_rows x 784 floats (decoder logits, BCE), about 100 MB each at the default.
+DEFAULT_MAX_ROWS = 32_768
+
+
+class Bounds(NamedTuple):
+    neg_elbo: Tensor  # (B,) nats
+    nll_iwae: Tensor  # (B,) nats
+
+
+def _chunk_size(batch: int, max_rows: int) -> int:
+    if max_rows < 1:
+        raise ConfigError(f"max_rows must be a positive integer, got {max_rows}")
+    return max(1, max_rows // max(batch, 1))
+
+
+def log_prior(num_latents: int, num_categories: int) -> float:
+    """log p(z) of the uniform prior, the same for every z: -N log K."""
+    return -num_latents * math.log(num_categories)
+
+
+@torch.no_grad()
+def sample_bounds(
+    model: CategoricalVAE,
+    x: Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> Bounds:
+    """neg_elbo and nll_iwae of each image from the same m = `num_samples` draws z_i ~ q(z|x).  # x (B, D)
+
+    log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8)
+    nll_iwae = -(logsumexp_i log w_i - log m)
+    neg_elbo = mean_i cost(z_i, x) + KL(q(z|x) || p(z))           (analytic KL)
+
+    The m draws are taken `chunk` at a time; logsumexp is accumulated across chunks.
+    """
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ConfigError(f"the number of samples per image must be a positive integer, got {num_samples}")
+    logits = model.encoder(x)  # (B, N, K)
+    B, N, K = logits.shape
+    chunk = _chunk_size(B, max_rows)
+    lse = logits.new_full((B,), -math.inf)  # running logsumexp of log w
+    cost_sum = logits.new_zeros(B)
+    for start in range(0, num_samples, chunk):
+        s = min(chunk, num_samples - start)
+        z = sampling.gumbel_max(logits, (s,), generator=generator)  # (s, B, N, K)
+        cost = model.cost(z, x)  # (s, B)
+        log_w = -cost + log_prior(N, K) - sampling.log_prob_categorical(logits, z)  # (s, B)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
+        cost_sum += cost.sum(0)
+    return Bounds(
+        neg_elbo=cost_sum / num_samples + kl_to_uniform(logits),
+        nll_iwae=-(lse - math.log(num_samples)),
+    )
+
+
+def iwae_bound(model, x, num_samples, generator=None, max_rows=DEFAULT_MAX_ROWS) -> Tensor:
+    """-log (1/m) sum_i p(x, z_i) / q(z_i|x) per image (Burda et al. 2016, Eq. 8).  # x (B, D) -> (B,)"""
+    return sample_bounds(model, x, num_samples, generator, max_rows).nll_iwae
+
+
+def check_exact(num_latents: int, num_categories: int, max_configs: int) -> None:
+    """Raise ConfigError when K^N is over the enumeration budget (the same rule as estimator=exact)."""
+    Exact(max_configs=max_configs).check(num_latents, num_categories)
+
+
+@torch.no_grad()
+def exact_nll(model: CategoricalVAE, x: Tensor, max_configs: int = 4096, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
+    """-log p(x) = -log sum_c p(c) p(x|c) over all K^N configurations c.  # x (B, D) -> (B,)
+
+    With the uniform prior, -log p(x) = N log K - logsumexp_c(-cost(c, x)). Configurations
+    come `chunk` at a time from sampling.enumerate_one_hot; raises ConfigError over budget.
+    """
+    N, K = model.hparams.num_latents, model.hparams.num_categories
+    check_exact(N, K, max_configs)
+    B = x.shape[0]
+    chunk = _chunk_size(B, max_rows)
+    lse = x.new_full((B,), -math.inf)
+    for start in range(0, K**N, chunk):
+        configs = sampling.enumerate_one_hot(N, K, start, start + chunk, device=x.device, dtype=x.dtype)  # (C, N, K)
+        log_px_given_z = -model.cost(configs[:, None], x)  # (C, B)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_px_given_z, dim=0))
+    return -(lse + log_prior(N, K))
+
+
+def evaluate(
+    model: CategoricalVAE,
+    batches: Iterable[Tensor],
+    num_samples: int = 1000,
+    seed: int = 0,
+    max_configs: int = 4096,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> dict[str, float | int | None]:
+    """Mean neg_elbo, nll_iwae and (when K^N fits `max_configs`) nll_exact over all images of
+    `batches`, in nats per image; nll_exact is None when over budget.
+
+    Draws come from one torch.Generator seeded with `seed` on the model's device, so the
+    result depends only on (model, data, num_samples, seed, max_rows) and the hardware.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(int(seed))
+    N, K = model.hparams.num_latents, model.hparams.num_categories
+    try:
+        check_exact(N, K, max_configs)
+        with_exact = True
+    except ConfigError:
+        with_exact = False
+    totals = {"neg_elbo": 0.0, "nll_iwae": 0.0, "nll_exact": 0.0}
+    count = 0
+    try:
+        for x in batches:
+            x = x.to(device=device, dtype=torch.float32)  # (B, D)
+            bounds = sample_bounds(model, x, num_samples, generator, max_rows)
+            totals["neg_elbo"] += bounds.neg_elbo.double().sum().item()
+            totals["nll_iwae"] += bounds.nll_iwae.double().sum().item()
+            if with_exact:
+                totals["nll_exact"] += exact_nll(model, x, max_configs, max_rows).double().sum().item()
+            count += x.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ConfigError("no images to evaluate: the split is empty or limit_batches is 0")
+    result: dict[str, float | int | None] = {k: v / count for k, v in totals.items()}
+    if not with_exact:
+        result["nll_exact"] = None
+    result["num_images"] = count
+    return result

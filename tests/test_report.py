@@ -1,0 +1,107 @@
+"""scripts/report.py on a synthetic multirun folder, and the failed-run metrics.json of train.py.
+
+The synthetic sweep has two estimators x three seeds with known numbers and val curves
+(TensorBoard event files), one run that failed and one that never finished, so the
+table's means, standard deviations and seed counts can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import REPO
+
+REPORT = REPO / "scripts" / "report.py"
+COMMON = ["experiment=jang2017", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+TEST_NEG_ELBO = {"sf": [120.0, 122.0, 127.0], "gumbel": [105.0, 106.0, 110.0]}
+
+
+def _job(root, estimator: str, seed: int, record: dict | None, curve: list[float] | None = None):
+    folder = root / f"estimator={estimator},seed={seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    overrides = [*COMMON[:1], f"seed={seed}", f"estimator={estimator}", *COMMON[1:]]
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if record is not None:
+        (folder / "metrics.json").write_text(json.dumps({"estimator": estimator, "overrides": overrides,
+                                                         "seed": seed, **record}))  # fmt: skip
+    if curve:
+        writer = SummaryWriter(str(folder))
+        for i, value in enumerate(curve):
+            writer.add_scalar("val/neg_elbo", value, global_step=100 * (i + 1) - 1)
+        writer.close()
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    for estimator, values in TEST_NEG_ELBO.items():
+        for seed, test in enumerate(values, start=1):
+            metrics = {"val/neg_elbo": test + 1.0, "test/neg_elbo": test, "test/nll_iwae": test - 5.0}
+            record = {"steps": 1000, "wall_time_s": 60.0 * seed, "metrics": metrics, "status": "finished"}
+            curve = [200.0 - 10 * i + seed for i in range(10)]  # falls 10 per evaluation, 20 over the last 20%
+            _job(root, estimator, seed, record, curve)
+    _job(root, "exact", 1, {"metrics": {}, "status": "failed", "error": "ConfigError: K^N is over budget"})
+    _job(root, "rloo", 1, None, [210.0, 190.0])  # killed: curves but no metrics.json
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_report_table_csv_and_plots(sweep):
+    result = _run(REPORT, sweep, cwd=sweep.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["config"]: row for row in csv.DictReader((sweep / "report.csv").open())}
+    assert set(rows) == {"sf", "gumbel", "exact", "rloo"}  # one row per estimator, failures included
+    for estimator, values in TEST_NEG_ELBO.items():
+        row = rows[estimator]
+        assert int(row["n_seeds"]) == 3 and row["seeds"] == "1 2 3"
+        assert float(row["test/neg_elbo_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["test/neg_elbo_std"]) == pytest.approx(statistics.stdev(values))  # n - 1
+        assert float(row["test/nll_iwae_mean"]) == pytest.approx(statistics.fmean(values) - 5.0)
+        assert float(row["wall_time_min_mean"]) == pytest.approx(2.0)
+        assert float(row["val_drop_last20_mean"]) == pytest.approx(20.0)
+    assert (rows["exact"]["n_seeds"], rows["exact"]["n_failed"], rows["exact"]["n_unfinished"]) == ("0", "1", "0")
+    assert (rows["rloo"]["n_seeds"], rows["rloo"]["n_failed"], rows["rloo"]["n_unfinished"]) == ("0", "0", "1")
+
+    table = (sweep / "report.md").read_text()
+    assert "| gumbel | 3 | 108.00 ± 2.65 | 107.00 ± 2.65 | 102.00 ± 2.65 |" in table
+    assert table.index("| gumbel |") < table.index("| sf |")  # best test/neg_elbo first
+    assert "**failed**" in table and "ConfigError: K^N is over budget" in table
+    assert "**unfinished**" in table and "last val/neg_elbo 190.00 at step 199" in table
+    assert "8 runs: 6 finished, 1 failed, 1 did not finish" in table
+    for name in ("val_neg_elbo.png", "test_nll.png"):
+        png = (sweep / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path):
+    result = _run(REPORT, tmp_path, cwd=tmp_path)
+    assert result.returncode != 0 and "no runs under" in result.stderr
+
+
+def test_failed_training_run_writes_metrics_json_that_report_lists(tmp_path, data_root):
+    """train.py refuses estimator=exact on the 20x10 model; its metrics.json says so, and the report lists it."""
+    run_dir = tmp_path / "sweep" / "estimator=exact"
+    train = _run(REPO / "scripts" / "train.py", "experiment=jang2017", "estimator=exact", f"data.root={data_root}",
+                 f"hydra.run.dir='{run_dir}'", cwd=tmp_path)  # fmt: skip
+    assert train.returncode != 0 and "max_configs" in train.stderr
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["estimator"] == "exact" and "ConfigError" in record["error"]
+    assert "estimator=exact" in record["overrides"]
+    report = _run(REPORT, tmp_path / "sweep", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "**failed**" in (tmp_path / "sweep" / "report.md").read_text()

@@ -37,25 +37,25 @@ class TemperatureAnnealing(L.Callback):
                 f"got tau_0={tau_0}, tau_min={tau_min}, rate={rate}, interval={interval}"
             )
         self.tau_0, self.tau_min, self.rate, self.interval = tau_0, tau_min, rate, interval
-        self._synced = False  # set tau on the first batch of a fit, whatever its step
 
     def temperature(self, step: int, estimator) -> float:
         floor = max(self.tau_min, getattr(estimator, "tau_min", None) or 0.0)
         return temperature_schedule(step, self.tau_0, floor, self.rate, self.interval)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        estimator = pl_module.estimator
-        tau = getattr(estimator, "tau", None)
-        if not isinstance(tau, torch.Tensor):
-            return
-        step = trainer.global_step
-        if step % self.interval == 0 or not self._synced:
-            tau.fill_(self.temperature(step, estimator))  # host value, no device sync
-            self._synced = True
-        pl_module.log("train/temperature", tau, on_step=True, on_epoch=False)
+    def _set(self, trainer: L.Trainer, estimator) -> None:
+        estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._synced = False  # recompute on the first batch, also after a resume
+        if isinstance(getattr(pl_module.estimator, "tau", None), torch.Tensor):
+            self._set(trainer, pl_module.estimator)  # also right after a resume, at any step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        estimator = pl_module.estimator
+        if not isinstance(getattr(estimator, "tau", None), torch.Tensor):
+            return
+        if trainer.global_step % self.interval == 0:
+            self._set(trainer, estimator)
+        pl_module.log("train/temperature", estimator.tau, on_step=True, on_epoch=False)
 
 
 class GradientStats(L.Callback):

@@ -98,19 +98,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         return _fit_and_test(cfg, output_dir, start)
     except Exception as err:
-        summary = run_summary(cfg)
-        record = {
-            "estimator": summary["choices"].get("estimator"),
-            "overrides": summary["overrides"],
-            "seed": cfg.get("seed"),
-            "wall_time_s": round(time.perf_counter() - start, 2),
-            "metrics": {},
-            "status": "failed",
-            "error": f"{type(err).__name__}: {find_user_error(err) or err}",
-        }
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        error = find_user_error(err) or err
+        write_record(cfg, output_dir, start, status="failed", metrics={}, error=f"{type(error).__name__}: {error}")
         raise
+
+
+def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any) -> dict[str, Any]:
+    """metrics.json of a run: estimator, overrides, seed, wall time, and `fields` (status, metrics, ...)."""
+    summary = run_summary(cfg)
+    record = {
+        "estimator": summary["choices"].get("estimator"),
+        "overrides": summary["overrides"],
+        "seed": cfg.get("seed"),
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        **fields,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float) -> dict[str, Any]:
@@ -138,17 +143,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float) -> dict[str, 
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
-    record = {
-        "estimator": summary["choices"].get("estimator"),
-        "overrides": summary["overrides"],
-        "seed": cfg.seed,
-        "steps": trainer.global_step,
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
-        "metrics": metrics,
-        "status": "finished",
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    record = write_record(
+        cfg, output_dir, start, status="finished", metrics=metrics, steps=trainer.global_step,
+        best_checkpoint=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+    )
     log.info("metrics: %s", json.dumps(metrics))
     return record
 

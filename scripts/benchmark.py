@@ -11,13 +11,13 @@ without the Lightning loop, so the figures are the estimator's cost, not the fra
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.training import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -42,19 +42,18 @@ def main() -> None:
     names = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", nargs="+", default=names, choices=names)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the model, e.g. model.num_latents=30")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
     x = (torch.rand(args.batch_size, 784, device=device) < 0.13).float()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({where}), torch {torch.__version__}, batch {args.batch_size}, {args.steps} steps\n")
+    print(f"device: {device} ({describe_device(device)}), torch {torch.__version__}, batch {args.batch_size}, {args.steps} steps\n")
     print("| estimator | model | ms / step | images / s |\n| --- | --- | --- | --- |")
     for name in args.estimators:
         small = ["model.num_latents=2", "model.num_categories=10"] if name == "exact" else []

@@ -10,21 +10,19 @@ the checkpoint. The maths is in discrete_vae/evaluation.py; options in conf/eval
 """
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from discrete_vae.devices import resolve_device
 from discrete_vae.errors import ConfigError, exit_on_user_error
 from discrete_vae.evaluation import evaluate
 from discrete_vae.training import load_checkpoint
 
-log = logging.getLogger("discrete_vae.evaluate")
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")
 
@@ -40,14 +38,6 @@ def quote_paths(argv: list[str]) -> list[str]:
         out.append(arg)
     return out
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return device
 
 
 def run(cfg: DictConfig) -> dict:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import platform
 import zlib
 from pathlib import Path
 
@@ -26,19 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae import diagnostics
+from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.errors import ConfigError, exit_on_user_error
 from discrete_vae.estimators import RLOO, ScoreFunction, TemperatureEstimator
 from discrete_vae.training import load_checkpoint
 
 ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def load_model(cfg: DictConfig, device: torch.device):
@@ -99,16 +91,6 @@ def seed_for(cfg: DictConfig, name: str) -> int:
     return (int(cfg.seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one, else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def fmt(value: float, digits: int = 3) -> str:
     return "inf" if math.isinf(value) else f"{value:.{digits}g}"
@@ -157,7 +139,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def study(cfg: DictConfig) -> list[dict]:
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     model, weights = load_model(cfg, device)
     N, K = model.encoder.shape
@@ -180,10 +162,6 @@ def study(cfg: DictConfig) -> list[dict]:
         rows.append({**report.row(), "tau": "-" if tau is None else f"{float(tau):g}"})
         print(f"{name}: {report}")
 
-    hardware = (
-        torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU ({cpu_name()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
-    )
     header = [
         f"model: N={N} latents, K={K} categories, hidden {list(model.hparams.hidden_dims)}; weights: {weights}",
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
@@ -191,7 +169,7 @@ def study(cfg: DictConfig) -> list[dict]:
         f"reference: {reference.describe()}",
         f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all'}"
         + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else ""),
-        f"device: {hardware}; torch {torch.__version__}",
+        f"device: {describe_device(device)}; torch {torch.__version__}",
         *notes,
     ]
     table = markdown(rows, header)

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import yaml
 
-# overrides that never name a configuration (as hydra.job.config.override_dirname excludes)
-IGNORED_KEYS = {"seed", "data.root", "ckpt_path", "trainer.limit_train_batches", "trainer.limit_val_batches",
-                "trainer.limit_test_batches", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
-                "hydra.run.dir", "hydra.sweep.dir"}  # fmt: skip
+# Overrides that never name a configuration: the seed and Hydra's own settings, plus the
+# keys each run's Hydra config excludes from its directory name (read from .hydra/hydra.yaml:
+# hydra.job.config.override_dirname.exclude_keys, set in conf/train.yaml).
+ALWAYS_IGNORED = {"seed"}
 METRICS = ("val/neg_elbo", "test/neg_elbo", "test/nll_iwae")
 CURVE_TAG = "val/neg_elbo"
 LAST_FRACTION = 0.2  # "still falling": the val/neg_elbo drop over the last 20% of the steps
@@ -53,6 +53,7 @@ class Run:
     record: dict = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/neg_elbo)
     config: str = ""
+    ignored_keys: set[str] = field(default_factory=lambda: set(ALWAYS_IGNORED))
 
     @property
     def seed(self):
@@ -97,8 +98,19 @@ def find_runs(root: Path) -> list[Run]:
         else:
             overrides = record.get("overrides", [])
         status = record.get("status", "unfinished") if record else "unfinished"
-        runs.append(Run(folder, [str(o) for o in overrides or []], status, record, read_curve(folder)))
+        runs.append(Run(folder, [str(o) for o in overrides or []], status, record, read_curve(folder), "",
+                        ALWAYS_IGNORED | excluded_keys(folder)))
     return runs
+
+
+def excluded_keys(folder: Path) -> set[str]:
+    """The keys the run's Hydra config leaves out of its directory name (budgets, paths)."""
+    hydra_file = folder / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return set()
+    hydra_cfg = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
+    keys = hydra_cfg.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys") or []
+    return set(map(str, keys))
 
 
 def read_curve(folder: Path) -> list[tuple[int, float]]:
@@ -122,7 +134,8 @@ def name_configs(runs: list[Run]) -> None:
     def key(item: str) -> str:
         return item.split("=", 1)[0].lstrip("+~")
 
-    kept = [[o for o in run.overrides if key(o) not in IGNORED_KEYS] for run in runs]
+    kept = [[o for o in run.overrides if key(o) not in run.ignored_keys and not key(o).startswith("hydra.")]
+            for run in runs]
     reference = [k for run, k in zip(runs, kept) if run.status == "finished"] or kept
     shared = set.intersection(*(set(k) for k in reference)) if reference else set()
     for run, items in zip(runs, kept):

@@ -1,0 +1,39 @@
+"""Choosing and naming the compute device, for the scripts that let a user pick one."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from discrete_vae.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when available, else the CPU), `cpu`, `cuda`, `cuda:1`, ...; a clear error
+    when CUDA is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU model, core count and torch threads, for reports of timings."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({_cpu_name()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

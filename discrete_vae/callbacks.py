@@ -12,6 +12,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from discrete_vae.errors import ConfigError
 
@@ -154,3 +155,76 @@ class GradientStats(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+class DivergenceGuard(L.Callback):
+    """Stops a run whose training loss is no longer finite, with a message naming the step and a hint.
+
+    The loss is checked every `check_every_n_steps` steps (default: the trainer's
+    log_every_n_steps, the steps on which logging synchronises with the device anyway), so a
+    diverged run stops within that many steps and the other steps have no host sync. A
+    non-finite validation metric stops it too, before ModelCheckpoint (which Lightning runs
+    after every other callback) could keep its weights as the best. The error is a
+    `TrainingDiverged`: scripts/train.py records the run as "diverged" and exits with status 1.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None, monitor: str = "val/neg_elbo"):
+        if check_every_n_steps is not None and not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
+            raise ConfigError(f"callbacks.divergence.check_every_n_steps must be a positive integer or null, got {check_every_n_steps!r}")
+        self.check_every_n_steps, self.monitor = check_every_n_steps, monitor
+
+    def _raise(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
+        from discrete_vae.errors import TrainingDiverged
+
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        tau = getattr(pl_module.estimator, "tau", None)
+        hints = [f"lower the learning rate (model.optimizer.lr={lr:g} now)" if lr is not None else "lower the learning rate"]
+        if isinstance(tau, torch.Tensor):
+            hints.append(f"raise the temperature's floor (callbacks.temperature.tau_min; tau={float(tau):g} now)")
+        best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        metrics = {self.monitor: float(best)} if best is not None else {}
+        raise TrainingDiverged(
+            f"training diverged: {what} at step {trainer.global_step}. Try again and "
+            + " or ".join(hints) + ".",
+            step=trainer.global_step, metrics=metrics,
+        )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        every = self.check_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every != 0:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not bool(torch.isfinite(loss).all()):  # the one host sync, on a logging step
+            self._raise(trainer, pl_module, f"the training loss is {float(loss)} (checked every {every} steps)")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None and not bool(torch.isfinite(value)):
+            self._raise(trainer, pl_module, f"{self.monitor} is {float(value)}")
+
+
+class ValidateAtLastStep(L.Callback):
+    """Validates after the last step of a run that stops mid-epoch (trainer.max_steps), so that every
+    run ends validated and checkpointed: Lightning validates when a stop is requested
+    (`trainer.should_stop`), and otherwise only at the epoch's end."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """`last.ckpt`: the whole training state (weights, optimizer, RNG streams, data position, callback
+    states) every `every_n_train_steps` steps and at the end of fit, so that a run killed at any
+    moment resumes exactly from at most that many steps back. It keeps no other checkpoint."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 1000):
+        if not (isinstance(every_n_train_steps, int) and every_n_train_steps >= 1):
+            raise ConfigError(
+                f"callbacks.latest.every_n_train_steps must be a positive integer, got {every_n_train_steps!r}"
+            )
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

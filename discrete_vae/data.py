@@ -48,25 +48,81 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("DISCRETE_VAE_DATA") or "data").expanduser().resolve()
 
 
-class Batches:
-    """Batches of rows of one tensor, shuffled by one `randperm` on the tensor's device per epoch.
+def epoch_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from the run's seed and (epoch, batch, ...) keys: the data order and
+    the binarization noise are pure functions of these, so a resumed run replays them exactly."""
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, np.uint64)[0] >> 1)
 
-    Works wherever Lightning takes a dataloader: it is iterable and has a length.
+
+class Batches:
+    """Batches of rows of one tensor; a shuffled epoch is one `randperm` on the tensor's device.
+
+    Works wherever Lightning takes a dataloader: it is iterable and has a length. Training
+    batches are resumable mid-epoch through Lightning's stateful-dataloader protocol
+    (`state_dict` / `load_state_dict`): epoch e's order is `randperm` under a generator seeded
+    from (seed, e), not the global RNG stream, so the state is just (epoch, batches consumed).
+
+    Lightning pre-fetches one batch ahead of the step and may end an epoch early
+    (limit_train_batches), so the position is not counted where batches are produced: the
+    datamodule calls `advance(epoch_length)` when a batch reaches the step. Iterated without
+    a trainer (no `advance`), each full pass is the next epoch.
+
+    Under DDP each of `world_size` ranks takes every `world_size`-th index of the one shared
+    permutation: disjoint shares that together cover the epoch (when the rows do not divide
+    evenly the last few are left out, so every rank runs the same number of steps).
     """
 
-    def __init__(self, data: Tensor, batch_size: int, shuffle: bool, binarize: bool = False):
+    def __init__(
+        self, data: Tensor, batch_size: int, shuffle: bool, binarize: bool = False,
+        seed: int = 0, rank: int = 0, world_size: int = 1,
+    ):
         self.data, self.batch_size, self.shuffle, self.binarize = data, batch_size, shuffle, binarize
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.consumed = 0, 0  # the epoch in progress, batches of it consumed
+        self._tracked = False  # whether a trainer reports consumption through `advance`
+
+    def _rows(self) -> int:
+        """Rows of this rank's share of an epoch."""
+        return len(self.data) // self.world_size
 
     def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
+        return -(-self._rows() // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed, self._tracked = int(state["epoch"]), int(state["consumed"]), True
+
+    def advance(self, epoch_length: int | float) -> None:
+        """One more batch reached the training step; the epoch ends after `epoch_length` of them."""
+        self._tracked = True
+        self.consumed += 1
+        if self.consumed >= min(epoch_length, len(self)):
+            self.epoch, self.consumed = self.epoch + 1, 0
 
     def __iter__(self):
-        n = len(self.data)
-        order = torch.randperm(n, device=self.data.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            rows = self.data[start : start + self.batch_size] if order is None else self.data[order[start : start + self.batch_size]]
+        yield from self._batches(self.epoch, self.consumed)  # read when iteration begins
+        if not self._tracked:
+            self.epoch += 1
+
+    def _batches(self, epoch: int, skip: int):
+        device = self.data.device
+        order = None
+        if self.shuffle or self.world_size > 1:
+            generator = torch.Generator(device).manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(len(self.data), device=device, generator=generator) if self.shuffle else None
+            if self.world_size > 1:
+                index = order if order is not None else torch.arange(len(self.data), device=device)
+                order = index[self.rank :: self.world_size][: self._rows()]  # this rank's share
+        for i in range(skip, len(self)):
+            window = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            rows = self.data[window] if order is None else self.data[order[window]]  # (B, D)
             rows = rows.float()
-            yield torch.bernoulli(rows) if self.binarize else rows  # dynamic binarization, fresh per batch
+            if self.binarize:  # dynamic binarization, fresh per batch, replayable per (epoch, batch)
+                generator = torch.Generator(device).manual_seed(epoch_seed(self.seed, epoch, i, self.rank))
+                rows = torch.bernoulli(rows, generator=generator)
+            yield rows
 
 
 # -- statically binarized MNIST ---------------------------------------------------------------
@@ -106,8 +162,10 @@ def _parse_amat(raw: bytes, path: Path, expected_rows: int) -> np.ndarray:
 
 def _download(url: str, target: Path, sha256: str) -> None:
     """Download to a temporary file beside `target`, check it, and rename it only when complete."""
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+    complete = False
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, out)
@@ -115,6 +173,7 @@ def _download(url: str, target: Path, sha256: str) -> None:
         if digest != sha256:
             raise DataError(f"the file downloaded from {url} has SHA-256 {digest}, expected {sha256}; try again.")
         os.replace(tmp, target)
+        complete = True
     except OSError as err:
         raise DataError(
             f"could not download {url} to {target}: {err}. Without internet, put the files "
@@ -124,6 +183,12 @@ def _download(url: str, target: Path, sha256: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not complete:  # leave no empty folders behind a failed download
+            for folder in created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def binarized_mnist_path(root: Path, split: str, download: bool) -> Path:
@@ -154,17 +219,27 @@ def load_binarized_mnist(root: Path, split: str, download: bool = True) -> Tenso
 
 
 class _TensorDataModule(L.LightningDataModule):
-    """Shared part: splits as uint8 tensors moved once to the trainer's device, served by `Batches`."""
+    """Shared part: splits as uint8 tensors moved once to the trainer's device, served by `Batches`.
+
+    `seed` fixes the data order of every epoch (scripts/train.py passes the run's seed).
+    """
 
     binarize_train = False
 
-    def __init__(self, root: str | None = None, batch_size: int = 100, eval_batch_size: int = 1000, download: bool = True):
+    def __init__(
+        self, root: str | None = None, batch_size: int = 100, eval_batch_size: int = 1000,
+        download: bool = True, seed: int = 0,
+    ):
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size and data.eval_batch_size must be positive, got {batch_size}, {eval_batch_size}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         self.root = data_root(root)
-        self.batch_size, self.eval_batch_size, self.download = batch_size, eval_batch_size, download
+        self.batch_size, self.eval_batch_size, self.download, self.seed = batch_size, eval_batch_size, download, seed
         self.splits: dict[str, Tensor] = {}
+        self._train_batches: Batches | None = None
 
     def load(self) -> dict[str, Tensor]:  # pragma: no cover - per dataset
         raise NotImplementedError
@@ -181,14 +256,29 @@ class _TensorDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {name: t.to(device) for name, t in self.load_splits().items()}
 
+    def _shard(self) -> dict:
+        """This process's rank and the world size (DDP), from the trainer."""
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
     def train_dataloader(self):
-        return Batches(self.splits["train"], self.batch_size, shuffle=True, binarize=self.binarize_train)
+        self._train_batches = Batches(
+            self.splits["train"], self.batch_size, shuffle=True, binarize=self.binarize_train,
+            seed=self.seed, **self._shard(),
+        )
+        return self._train_batches
 
     def val_dataloader(self):
-        return Batches(self.splits["val"], self.eval_batch_size, shuffle=False)
+        return Batches(self.splits["val"], self.eval_batch_size, shuffle=False, **self._shard())
 
     def test_dataloader(self):
-        return Batches(self.splits["test"], self.eval_batch_size, shuffle=False)
+        return Batches(self.splits["test"], self.eval_batch_size, shuffle=False, **self._shard())
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        if self._train_batches is not None and self.trainer is not None and self.trainer.training:
+            self._train_batches.advance(self.trainer.num_training_batches)  # a batch reached the step
+        return batch
 
 
 class BinarizedMNIST(_TensorDataModule):

@@ -21,6 +21,36 @@ class DataError(UserError, RuntimeError):
     """A data file is missing, truncated or corrupt, or cannot be downloaded."""
 
 
+class TrainingDiverged(UserError, RuntimeError):
+    """The training loss (or the validation metric) stopped being finite; usually a learning rate or
+    a temperature too extreme. Carries the step and the last finite metrics for the run's record."""
+
+    def __init__(self, message: str, step: int, metrics: dict | None = None):
+        super().__init__(message)
+        self.step, self.metrics = step, metrics or {}
+
+
+def require_number(
+    key: str, value, *, positive: bool = False, integer: bool = False, low=None, high=None, hint: str = ""
+):
+    """`value` if it is a real number (an integer if `integer`) within the bounds, else a ConfigError
+    naming `key`. For config values read by our code, so that `lr=fast` fails where it is read."""
+    import math
+    import numbers
+
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{key} must be {kind}, got {value!r}{hint and '; ' + hint}")
+    if positive and not value > 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}{hint and '; ' + hint}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")
+        raise ConfigError(f"{key} must be {bounds}, got {value!r}{hint and '; ' + hint}")
+    return value
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """The first UserError in an exception's cause chain (Hydra's instantiate wraps them)."""
     seen = set()
@@ -53,9 +83,9 @@ def exit_on_user_error(main: Callable) -> Callable:
             user_error = find_user_error(err)
             if user_error is None:
                 raise
-            logging.getLogger("discrete_vae").error(str(user_error))
-            if _in_multirun():
+            if _in_multirun():  # in the job's log; Hydra reports the failed job after the others ran
+                logging.getLogger("discrete_vae").error(str(user_error))
                 raise user_error from None
-            sys.exit(f"error: {user_error}")
+            sys.exit(f"error: {user_error}")  # printed once, on stderr, exit status 1
 
     return wrapper

@@ -21,9 +21,58 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from discrete_vae import sampling
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.networks import Decoder, Encoder
+
+
+EVAL_SEED = 0  # the seed of the noise of every validation and test pass
+
+
+def check_optimizer(optimizer: Callable | None) -> None:
+    """Type and range of the optimizer's numeric settings, read here rather than deep inside torch."""
+    keywords = getattr(optimizer, "keywords", None) or {}
+    hint = "set it like model.optimizer.lr=1e-3"
+    if "lr" in keywords:
+        # beyond ~1e37 Adam's step size (lr / bias correction) overflows float32 before any update
+        require_number("model.optimizer.lr", keywords["lr"], positive=True, high=1e30, hint=hint)
+    for key in ("weight_decay", "eps", "momentum"):
+        if key in keywords:
+            require_number(f"model.optimizer.{key}", keywords[key], low=0, hint=f"a non-negative number")
+    if "betas" in keywords:
+        betas = keywords["betas"]
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+            raise ConfigError(f"model.optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+        for beta in betas:
+            require_number("model.optimizer.betas", beta, low=0, high=0.999999)
+
+
+def rng_states() -> dict:
+    """The global RNG streams that training draws from: torch's CPU and CUDA generators, plus
+    numpy's and Python's for user code."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)  # torch.load-safe
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"].cpu())
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 class StepOutput(NamedTuple):
@@ -65,6 +114,7 @@ class CategoricalVAE(L.LightningModule):
                 f"got {test_iwae_samples}"
             )
         estimator.check(num_latents, num_categories)
+        check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["estimator", "optimizer"])
         self.estimator = estimator
         self.encoder = Encoder(input_dim, hidden_dims, num_latents, num_categories, activation)
@@ -73,6 +123,7 @@ class CategoricalVAE(L.LightningModule):
         self.num_images = num_images
         self.test_iwae_samples = int(test_iwae_samples)
         self._image_batch: Tensor | None = None
+        self._eval_generator: torch.Generator | None = None
 
     # -- the model ---------------------------------------------------------------------------
     def cost(self, z: Tensor, x: Tensor) -> Tensor:
@@ -104,28 +155,46 @@ class CategoricalVAE(L.LightningModule):
         return self.cost(z, x) + kl_to_uniform(logits)
 
     # -- Lightning hooks ---------------------------------------------------------------------
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer hands metrics to the loggers at this step (every log_every_n_steps):
+        Lightning's own rule. On the other steps nothing is logged, so nothing is bookkept."""
+        return self._trainer is not None and self.trainer._logger_connector.should_update_logs
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self._estimate(batch)
-        self.log_dict(
-            {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch.shape[0],
-        )
+        if self._logs_this_step():
+            self.log_dict(
+                {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
+                on_step=True, on_epoch=False, batch_size=batch.shape[0],
+            )
         return out.loss
+
+    # -- evaluation: its own noise, so that it neither depends on nor moves the training stream ----
+    def _reset_eval_generator(self) -> None:
+        """Every validation (and the test) draws the same noise: validation numbers of different
+        epochs are comparable, and the training RNG stream is what it would be without them."""
+        self._eval_generator = torch.Generator(self.device).manual_seed(EVAL_SEED + self.global_rank)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval_generator()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval_generator()
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         if batch_idx == 0:
             self._image_batch = batch[: self.num_images]
-        self.log("val/neg_elbo", self.neg_elbo(batch).mean(), prog_bar=True, batch_size=batch.shape[0])
+        neg_elbo = self.neg_elbo(batch, self._eval_generator).mean()
+        self.log("val/neg_elbo", neg_elbo, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self.log("test/neg_elbo", self.neg_elbo(batch).mean(), batch_size=batch.shape[0])
+        neg_elbo = self.neg_elbo(batch, self._eval_generator).mean()
+        self.log("test/neg_elbo", neg_elbo, batch_size=batch.shape[0], sync_dist=True)
         if self.test_iwae_samples > 0:  # the importance-weighted bound with m samples per image
             from discrete_vae.evaluation import iwae_bound  # evaluation imports this module
 
-            nll = iwae_bound(self, batch, self.test_iwae_samples)
-            self.log("test/nll_iwae", nll.mean(), batch_size=batch.shape[0])
+            nll = iwae_bound(self, batch, self.test_iwae_samples, generator=self._eval_generator)
+            self.log("test/nll_iwae", nll.mean(), batch_size=batch.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or self._image_batch is None:
@@ -137,7 +206,7 @@ class CategoricalVAE(L.LightningModule):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             x = self._image_batch
-            recon = torch.sigmoid(self.decoder(sampling.gumbel_max(self.encoder(x))))
+            recon = torch.sigmoid(self.decoder(sampling.gumbel_max(self.encoder(x), generator=self._eval_generator)))
             side = math.isqrt(x.shape[-1])
             pairs = torch.cat([x, recon]).view(-1, 1, side, side)  # inputs in the first row
             logger.experiment.add_image("val/reconstructions", make_grid(pairs, nrow=len(x)), self.global_step)
@@ -156,6 +225,12 @@ class CategoricalVAE(L.LightningModule):
         run_config = getattr(self, "run_config", None)
         if run_config is not None:  # lets discrete_vae.training.load_checkpoint rebuild the model
             checkpoint["config"] = run_config
+            checkpoint["choices"] = getattr(self, "run_choices", {})  # estimator=..., for messages
+        checkpoint["rng_states"] = rng_states()  # the noise to come: a resumed run draws the same
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from discrete_vae.errors import ConfigError, find_user_error
+from discrete_vae.callbacks import ValidateAtLastStep
+from discrete_vae.errors import ConfigError, DataError, TrainingDiverged, find_user_error, require_number
 from discrete_vae.model import CategoricalVAE
 
 log = logging.getLogger(__name__)
@@ -40,15 +44,53 @@ def build_model(cfg: DictConfig) -> CategoricalVAE:
         raise user_error from None
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The contents of a checkpoint written by `train`, or a DataError saying why it cannot be used."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, a text file, a pickle of something else ...
+        raise DataError(
+            f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+            f"it is truncated or not a checkpoint. Use another one of the run (checkpoints/last.ckpt "
+            f"or checkpoints/best-*.ckpt) or start afresh."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
+        raise DataError(f"{path} is not a checkpoint written by scripts/train.py (it holds no model state and config)")
+    return checkpoint
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CategoricalVAE, DictConfig]:
     """A model and its training config from a checkpoint written by `train`."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    if "config" not in checkpoint:
-        raise ConfigError(f"{path} holds no training config; it was not written by scripts/train.py")
+    checkpoint = read_checkpoint(path, map_location)
     cfg = OmegaConf.create(checkpoint["config"])
     model = build_model(cfg)
     model.load_state_dict(checkpoint["state_dict"])
     return model, cfg
+
+
+# The settings that decide the shapes of the saved state: a checkpoint only fits a model with the same.
+ARCHITECTURE_KEYS = ("num_latents", "num_categories", "input_dim", "hidden_dims", "activation")
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """A ConfigError naming the setting in which the checkpoint and the configured run differ."""
+    saved = checkpoint["config"]
+    fix = (f"Resume with the checkpoint's settings (drop the override), or start a new run "
+           f"(another hydra.run.dir, or resume=never without ckpt_path).")
+    for key in ARCHITECTURE_KEYS:
+        have, want = saved["model"].get(key), OmegaConf.to_container(cfg.model, resolve=True).get(key)
+        if have != want:
+            raise ConfigError(f"the checkpoint {path} has model.{key}={have}, the config says {want}. {fix}")
+    have, want = saved["estimator"]["_target_"], cfg.estimator._target_
+    if have != want:
+        name = checkpoint.get("choices", {}).get("estimator") or have.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"the checkpoint {path} was trained with estimator={name} ({have}), the config says "
+            f"{want}. {fix}"
+        )
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -87,67 +129,162 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
     return {"choices": choices, "overrides": overrides}
 
 
+RESUME_MODES = ("auto", "never")
+DONE = ("finished", "diverged")  # a re-run with resume=auto leaves such runs as they are
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best checkpoint; write metrics.json into the run directory.
 
-    A run that raises still writes metrics.json, with status "failed" and the error, so that
-    scripts/report.py lists it; the exception is then re-raised.
+    With `resume=auto` (the default) a run directory that already holds a finished (or diverged)
+    metrics.json is skipped, untouched, and one that holds checkpoints/last.ckpt is resumed from
+    it, so re-running a sweep finishes only what is missing. `resume=never` starts afresh.
+
+    A run that raises still writes metrics.json, with status "failed" (or "diverged") and the
+    error, so that scripts/report.py lists it; the exception is then re-raised.
     """
     start = time.perf_counter()
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    resume = cfg.get("resume", "auto")
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
+    if resume == "auto" and (done := _finished_record(output_dir)) is not None:
+        # on stderr only: the finished run's own log stays as it was
+        print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
+              f"Use resume=never to run it again.", file=sys.stderr)
+        return done
     try:
-        return _fit_and_test(cfg, output_dir, start)
+        return _fit_and_test(cfg, output_dir, start, resume)
+    except TrainingDiverged as err:
+        write_record(cfg, output_dir, start, status="diverged", metrics=err.metrics, steps=err.step, error=str(err))
+        raise
     except Exception as err:
         error = find_user_error(err) or err
         write_record(cfg, output_dir, start, status="failed", metrics={}, error=f"{type(error).__name__}: {error}")
         raise
 
 
+def _finished_record(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") in DONE else None
+
+
+def strict_json(value: Any) -> Any:
+    """Non-finite floats as None (JSON has no NaN or Infinity), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any) -> dict[str, Any]:
-    """metrics.json of a run: estimator, overrides, seed, wall time, and `fields` (status, metrics, ...)."""
+    """metrics.json of a run: estimator, overrides, seed, wall time, and `fields` (status, metrics, ...),
+    as strict JSON, written by rank zero only and atomically (a kill never leaves half a file)."""
     summary = run_summary(cfg)
-    record = {
+    record = strict_json({
         "estimator": summary["choices"].get("estimator"),
         "overrides": summary["overrides"],
         "seed": cfg.get("seed"),
         "wall_time_s": round(time.perf_counter() - start, 2),
         **fields,
-    }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    })
+    if _rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = output_dir / "metrics.json.part"
+        tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
+        os.replace(tmp, output_dir / "metrics.json")
     return record
 
 
-def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float) -> dict[str, Any]:
+def _rank() -> int:
+    """This process's global rank under DDP (Lightning's launchers set these), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def set_num_threads(cfg: DictConfig) -> None:
+    """torch threads of this process: `num_threads`, or under the joblib launcher the cores shared
+    out among its n_jobs, so that parallel jobs do not fight over cores."""
+    threads = cfg.get("num_threads")
+    if threads is None and HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher
+        if "Joblib" in str(launcher.get("_target_", "")):
+            jobs = launcher.get("n_jobs") or 1
+            jobs = os.cpu_count() if jobs < 0 else jobs
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is not None:
+        torch.set_num_threads(require_number("num_threads", threads, positive=True, integer=True))
+
+
+def _resume_from(cfg: DictConfig, output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ckpt_path if given, else with resume=auto the run's last.ckpt."""
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path).expanduser().resolve()
+    last = output_dir / "checkpoints" / "last.ckpt"
+    return last if resume == "auto" and last.is_file() else None
+
+
+def quiet_third_party() -> None:
+    """Silence what a researcher does not act on: a deprecation inside Lightning's own code, and the
+    notice that a resumed run's checkpoint folder is not empty."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
+    quiet_third_party()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
-    L.seed_everything(cfg.seed, workers=True)
+    set_num_threads(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
     model = build_model(cfg)
+    ckpt_path = _resume_from(cfg, output_dir, resume)
+    resumed_step = 0
+    if ckpt_path is not None:  # fails here, with the setting that differs, before any run output
+        checkpoint = read_checkpoint(ckpt_path)
+        check_checkpoint_fits(checkpoint, cfg, ckpt_path)
+        resumed_step = int(checkpoint.get("global_step", 0))
+        del checkpoint
+        log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
     datamodule.load_splits()  # missing or corrupt data fails here, before any run output
     summary = run_summary(cfg)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_choices = summary["choices"]
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks.append(ValidateAtLastStep())
+    logger = False
+    if cfg.get("logger"):
+        # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
+        logger = instantiate(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
-    if logger:
+    if logger and trainer.is_global_zero and ckpt_path is None:
         params = _flat(model.run_config)
         params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
         log_hparams(logger, params, ["val/neg_elbo", "test/neg_elbo"])
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint (no validation ran): testing the final weights")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
     record = write_record(
         cfg, output_dir, start, status="finished", metrics=metrics, steps=trainer.global_step,
-        best_checkpoint=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None,
+        best_checkpoint=best or None, resumed_from_step=resumed_step or None,
     )
-    log.info("metrics: %s", json.dumps(metrics))
+    log.info("metrics: %s", json.dumps(record["metrics"]))
     return record
 
 

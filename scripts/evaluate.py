@@ -18,6 +18,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import resolve_device
 from discrete_vae.errors import ConfigError, exit_on_user_error
 from discrete_vae.evaluation import evaluate
@@ -25,19 +26,6 @@ from discrete_vae.training import load_checkpoint
 
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")
-
-
-def quote_paths(argv: list[str]) -> list[str]:
-    """Quote path values for Hydra's override grammar: sweep folders are named like
-    `estimator=gumbel,seed=1`, and an unquoted `=` or `,` in a value is a syntax error."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in PATH_KEYS and value and value[0] not in "'\"" and "'" not in value:
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
-
 
 
 def run(cfg: DictConfig) -> dict:
@@ -102,5 +90,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_paths(sys.argv)
+    sys.argv = normalize_overrides(sys.argv, path_keys=PATH_KEYS)
     main()

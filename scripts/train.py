@@ -5,9 +5,12 @@
     python scripts/train.py --help        # the config groups and their options
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from discrete_vae.cli import normalize_overrides
 from discrete_vae.errors import exit_on_user_error
 from discrete_vae.training import train
 
@@ -20,4 +23,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = normalize_overrides(sys.argv, path_keys=("ckpt_path", "data.root"))
     main()

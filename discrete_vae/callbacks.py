@@ -184,7 +184,7 @@ class DivergenceGuard(L.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_score", None)
         metrics = {self.monitor: float(best)} if best is not None else {}
         raise TrainingDiverged(
-            f"training diverged: {what} at step {trainer.global_step}. Try again and "
+            f"training diverged at step {trainer.global_step}: {what}. Try again and "
             + " or ".join(hints) + ".",
             step=trainer.global_step, metrics=metrics,
         )

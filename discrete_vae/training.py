@@ -53,7 +53,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # truncated zip, a text file, a pickle of something else ...
         raise DataError(
-            f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+            f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err).split('. ')[0][:120]}): "
             f"it is truncated or not a checkpoint. Use another one of the run (checkpoints/last.ckpt "
             f"or checkpoints/best-*.ckpt) or start afresh."
         ) from None
@@ -86,10 +86,10 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: DictConfig, path: Pat
             raise ConfigError(f"the checkpoint {path} has model.{key}={have}, the config says {want}. {fix}")
     have, want = saved["estimator"]["_target_"], cfg.estimator._target_
     if have != want:
-        name = checkpoint.get("choices", {}).get("estimator") or have.rsplit(".", 1)[-1]
+        name = lambda choice, target: f"estimator={choice} ({target.rsplit('.', 1)[-1]})" if choice else target  # noqa: E731
         raise ConfigError(
-            f"the checkpoint {path} was trained with estimator={name} ({have}), the config says "
-            f"{want}. {fix}"
+            f"the checkpoint {path} was trained with {name(checkpoint.get('choices', {}).get('estimator'), have)}, "
+            f"the config says {name(run_summary(cfg)['choices'].get('estimator'), want)}. {fix}"
         )
 
 

@@ -4,9 +4,10 @@
 
 Every job folder of the sweep (one holding .hydra/ or metrics.json) is one run. A run
 is "finished" when its metrics.json says so, "failed" when metrics.json records the
-error (discrete_vae.training.train writes it), and "unfinished" when there is no
+error (discrete_vae.training.train writes it), "diverged" when its loss stopped being finite
+(the DivergenceGuard callback stopped it), and "unfinished" when there is no
 metrics.json (killed, or still running); failed and unfinished runs are listed, never
-silently dropped. Runs are grouped into configurations by their overrides minus the
+silently dropped (nor diverged ones). Runs are grouped into configurations by their overrides minus the
 seed (and minus budgets and paths that do not name a run, and overrides every run
 shares), so a sweep over estimator=... and seed=... gives one row per estimator.
 
@@ -49,7 +50,7 @@ UNFINISHED = "no metrics.json: killed, crashed hard, or still running"
 class Run:
     path: Path
     overrides: list[str]
-    status: str  # finished | failed | unfinished
+    status: str  # finished | failed | diverged | unfinished
     record: dict = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/neg_elbo)
     config: str = ""
@@ -163,6 +164,7 @@ def summarise(runs: list[Run]) -> list[dict]:
             "n_seeds": len(done),
             "seeds": " ".join(str(r.seed) for r in sorted(done, key=lambda r: str(r.seed))),
             "n_failed": sum(r.status == "failed" for r in group),
+            "n_diverged": sum(r.status == "diverged" for r in group),
             "n_unfinished": sum(r.status == "unfinished" for r in group),
         }
         for name in METRICS:
@@ -189,20 +191,21 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
         f"# Sweep report: `{title}`",
         "",
         f"{len(runs)} runs: {sum(r.status == 'finished' for r in runs)} finished, "
-        f"{sum(r.status == 'failed' for r in runs)} failed, {sum(r.status == 'unfinished' for r in runs)} "
+        f"{sum(r.status == 'failed' for r in runs)} failed, {sum(r.status == 'diverged' for r in runs)} diverged, "
+        f"{sum(r.status == 'unfinished' for r in runs)} "
         f"did not finish. Nats per image, mean ± s.d. over seeds (n - 1); lower is better. "
         f"`val drop, last 20%`: how much val/neg_elbo still fell over the last 20% of the steps.",
         "",
         "| configuration | seeds | val/neg_elbo | test/neg_elbo | test/nll_iwae | steps | wall time (min) "
-        "| val drop, last 20% | failed | unfinished |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| val drop, last 20% | failed | diverged | unfinished |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['n_seeds']} | "
             + " | ".join(fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS)
             + f" | {fmt(row['steps_mean'], digits=0)} | {fmt(row['wall_time_min_mean'], digits=1)} | "
-            f"{fmt(row['val_drop_last20_mean'], row['val_drop_last20_std'])} | {row['n_failed']} | {row['n_unfinished']} |"
+            f"{fmt(row['val_drop_last20_mean'], row['val_drop_last20_std'])} | {row['n_failed']} | {row['n_diverged']} | {row['n_unfinished']} |"
         )
     lines += ["", "## Every run", "", "| run | configuration | seed | status | steps | val/neg_elbo | test/neg_elbo "
               "| test/nll_iwae | wall time (min) |", "| --- | --- | --: | --- | --: | --: | --: | --: | --: |"]  # fmt: skip
@@ -214,11 +217,11 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
             + f" | {fmt(None if wall is None else wall / 60, digits=1)} |"
         )
     problems = [r for r in runs if r.status != "finished"]
-    lines += ["", "## Runs that failed or did not finish", ""]
+    lines += ["", "## Runs that failed, diverged or did not finish", ""]
     if not problems:
         lines.append("None.")
     for run in problems:
-        why = run.record.get("error") if run.status == "failed" else UNFINISHED
+        why = run.record.get("error") if run.status in ("failed", "diverged") else UNFINISHED
         last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
         lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
     path.write_text("\n".join(lines) + "\n")

@@ -74,7 +74,7 @@ def test_callback_ignores_estimators_without_temperature(tmp_path):
     data = (torch.rand(32, 16) < 0.3).to(torch.uint8)
     model = CategoricalVAE(E.ScoreFunction(), num_latents=2, num_categories=3, input_dim=16, hidden_dims=[8])
     trainer = L.Trainer(
-        max_steps=3, callbacks=[TemperatureAnnealing()], logger=False, enable_checkpointing=False,
+        max_steps=3, callbacks=[TemperatureAnnealing()], logger=False, enable_checkpointing=False, log_every_n_steps=1,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
     )
     trainer.fit(model, train_dataloaders=Batches(data, 8, shuffle=True))

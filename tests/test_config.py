@@ -51,3 +51,19 @@ def test_defaults_match_jang_2017():
     assert cfg.model.optimizer.lr == 1e-3 and cfg.data.batch_size == 100
     t = cfg.callbacks.temperature
     assert (t.tau_0, t.tau_min, t.rate, t.interval) == (1.0, 0.5, 1e-4, 1000)
+
+
+def test_common_trainer_settings_need_no_plus():
+    settings = {"strategy": "ddp", "precision": "bf16-mixed", "num_nodes": 2, "accumulate_grad_batches": 4,
+                "gradient_clip_algorithm": "value", "max_time": "00:01:00:00", "profiler": "simple"}
+    cfg = compose_train([f"trainer.{k}={v}" for k, v in settings.items()])
+    assert {k: cfg.trainer[k] for k in settings} == settings
+
+
+def test_sweep_folders_put_what_differs_first():
+    from discrete_vae.cli import normalize_overrides, run_name
+
+    name = run_name(["++trainer.max_steps=20", "seed=1", "estimator=sf", "data.root=/x"], exclude=["data.root"])
+    assert name == "sf,seed=1,trainer.max_steps=20"
+    assert normalize_overrides(["logger=null", "+logger=none", "ckpt_path=a=b,c"], path_keys=["ckpt_path"]) == [
+        "~logger", "~logger", "ckpt_path='a=b,c'"]

@@ -106,7 +106,7 @@ def test_download_is_checked_and_atomic(tmp_path, small_rows, monkeypatch):
     monkeypatch.setattr(D, "AMAT_SHA256", {"test": "0" * 64})
     with pytest.raises(DataError, match="SHA-256"):
         D.load_binarized_mnist(tmp_path / "root", "test", download=True)
-    assert list((tmp_path / "root" / "binarized_mnist").iterdir()) == [], "no partial file is left behind"
+    assert not (tmp_path / "root").exists(), "no partial file, nor the empty folders made for it, is left behind"
 
     monkeypatch.setattr(D, "AMAT_SHA256", {"test": hashlib.sha256(good.read_bytes()).hexdigest()})
     loaded = D.load_binarized_mnist(tmp_path / "root", "test", download=True)
@@ -117,15 +117,15 @@ def test_download_is_checked_and_atomic(tmp_path, small_rows, monkeypatch):
 def test_failed_download_explains_the_offline_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "BINARIZED_URL", (tmp_path / "nowhere").as_uri() + "/")
     with pytest.raises(DataError) as err:
-        D.load_binarized_mnist(tmp_path, "valid", download=True)
+        D.load_binarized_mnist(tmp_path / "data", "valid", download=True)
     assert "could not download" in str(err.value) and "data.root" in str(err.value)
+    assert not (tmp_path / "data").exists(), "a failed download leaves no empty folder behind"
 
 
 def test_batches_cover_the_split_once_per_epoch_in_a_new_order():
     data = torch.arange(23).repeat_interleave(2).view(23, 2).to(torch.uint8)
     batches = D.Batches(data, batch_size=5, shuffle=True)
     assert len(batches) == 5
-    torch.manual_seed(0)
     first = torch.cat(list(batches))[:, 0]
     second = torch.cat(list(batches))[:, 0]
     assert sorted(first.tolist()) == list(range(23)) and sorted(second.tolist()) == list(range(23))
@@ -134,12 +134,59 @@ def test_batches_cover_the_split_once_per_epoch_in_a_new_order():
     assert ordered.tolist() == list(range(23))
 
 
-def test_dynamic_binarization_draws_fresh_pixels():
+def test_dynamic_binarization_draws_fresh_pixels_replayable_by_seed():
     gray = torch.full((1000, 784), 0.3)
-    torch.manual_seed(0)
-    a, b = list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0], list(D.Batches(gray, 1000, shuffle=False, binarize=True))[0]
-    assert set(a.unique().tolist()) == {0.0, 1.0} and not torch.equal(a, b)
-    assert a.mean().item() == pytest.approx(0.3, abs=5 * (0.21 / a.numel()) ** 0.5)
+    batches = D.Batches(gray, 500, shuffle=False, binarize=True, seed=4)
+    a1, a2 = list(batches)  # epoch 0, two batches
+    b1, _ = list(batches)  # epoch 1
+    assert set(a1.unique().tolist()) == {0.0, 1.0} and not torch.equal(a1, a2) and not torch.equal(a1, b1)
+    assert a1.mean().item() == pytest.approx(0.3, abs=5 * (0.21 / a1.numel()) ** 0.5)
+    again = D.Batches(gray, 500, shuffle=False, binarize=True, seed=4)
+    assert torch.equal(next(iter(again)), a1), "the same seed, epoch and batch draw the same pixels"
+    other = D.Batches(gray, 500, shuffle=False, binarize=True, seed=5)
+    assert not torch.equal(next(iter(other)), a1)
+
+
+def test_batches_resume_mid_epoch_from_their_state():
+    data = torch.arange(40).view(40, 1).to(torch.uint8)
+    straight = D.Batches(data, 4, shuffle=True, seed=1)
+    epoch0 = [b[:, 0].tolist() for b in straight]
+    epoch1 = [b[:, 0].tolist() for b in straight]
+    assert epoch0 != epoch1
+
+    broken = D.Batches(data, 4, shuffle=True, seed=1)
+    served = []
+    for batch in broken:  # a trainer reports each consumed batch; it pre-fetches one more
+        broken.advance(epoch_length=10)
+        served.append(batch[:, 0].tolist())
+        if len(served) == 3:
+            break
+    state = broken.state_dict()
+    assert state == {"epoch": 0, "consumed": 3, "seed": 1}
+    resumed = D.Batches(data, 4, shuffle=True, seed=1)
+    resumed.load_state_dict(state)
+    rest = []
+    for batch in resumed:
+        resumed.advance(epoch_length=10)
+        rest.append(batch[:, 0].tolist())
+    assert served + rest == epoch0
+    assert resumed.state_dict()["epoch"] == 1 and [b[:, 0].tolist() for b in resumed] == epoch1
+
+
+def test_an_epoch_cut_short_by_the_trainer_still_ends():
+    data = torch.arange(40).view(40, 1).to(torch.uint8)
+    batches = D.Batches(data, 4, shuffle=True, seed=1)
+    for _ in range(2):  # limit_train_batches=2: the trainer consumes 2 batches and ends the epoch
+        batches.advance(epoch_length=2)
+    assert batches.state_dict() == {"epoch": 1, "consumed": 0, "seed": 1}
+
+
+def test_ranks_take_disjoint_shares_that_cover_the_epoch():
+    data = torch.arange(40).view(40, 1).to(torch.uint8)
+    shares = [torch.cat(list(D.Batches(data, 4, shuffle=True, seed=2, rank=r, world_size=2)))[:, 0] for r in (0, 1)]
+    assert len(D.Batches(data, 4, shuffle=True, rank=0, world_size=2)) == 5  # half the steps of one process
+    assert set(shares[0].tolist()).isdisjoint(shares[1].tolist())
+    assert sorted(torch.cat(shares).tolist()) == list(range(40))
 
 
 def write_idx_mnist(root, n_train, n_test):

@@ -70,8 +70,8 @@ def test_multirun_names_runs_by_their_overrides(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     run_train(["-m", "estimator=gumbel,st", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # budgets like limit_*_batches are excluded from the name; max_epochs is part of it
-    assert runs == ["estimator=gumbel,seed=2,trainer.max_epochs=1", "estimator=st,seed=2,trainer.max_epochs=1"]
+    # the estimator first, then the seed; budgets like limit_*_batches are excluded, max_epochs is kept
+    assert runs == ["gumbel,seed=2,trainer.max_epochs=1", "st,seed=2,trainer.max_epochs=1"]
     for run in runs:
         assert list((sweep / run).glob("events.out.tfevents.*")), run
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()
@@ -83,9 +83,9 @@ def test_a_refused_job_does_not_stop_the_sweep(data_root, tmp_path):
     proc = run_train(["-m", "estimator=exact,st", *TINY, f"hydra.sweep.dir={sweep}"], data_root, check=False)
     assert proc.returncode != 0, "the sweep reports the failed job"
     assert "Error executing job with overrides" in proc.stderr and "max_configs=4096" in proc.stderr
-    failed = json.loads((sweep / "estimator=exact,trainer.max_epochs=1" / "metrics.json").read_text())
+    failed = json.loads((sweep / "exact,trainer.max_epochs=1" / "metrics.json").read_text())
     assert failed["status"] == "failed" and "max_configs" in failed["error"]
-    finished = json.loads((sweep / "estimator=st,trainer.max_epochs=1" / "metrics.json").read_text())
+    finished = json.loads((sweep / "st,trainer.max_epochs=1" / "metrics.json").read_text())
     assert finished["status"] == "finished" and finished["steps"] == 4
 
 

@@ -1,0 +1,174 @@
+"""Long runs you can trust, through scripts/train.py on the real data: a run killed with SIGKILL
+(mid-epoch, and again at an epoch's end) resumes bit-for-bit; a re-run sweep skips finished runs
+and completes the rest; joblib and submitit sweeps run; a diverging run is stopped and recorded;
+every bad input gives one clear line and exit status 1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+# 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2
+SHORT = ["trainer.max_epochs=3", "trainer.limit_train_batches=10", "trainer.log_every_n_steps=2",
+         "callbacks.latest.every_n_train_steps=4", "seed=3", *QUICK]
+
+
+def train(args, data_root, tmp_path, check=True, script="scripts/train.py"):
+    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(REPO / "tests"),
+           "KILL_ONCE_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def kill_at(step, only=None):
+    extra = f",only:{only}" if only else ""
+    return f"+callbacks.kill={{_target_:killer.KillOnce,step:{step}{extra}}}"
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
+
+    # killed at step 6 (resumes from step 4, mid-epoch), then at 22 (from 20, an epoch's end)
+    for step in (6, 22):
+        proc = train([*SHORT, kill_at(step), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        assert not (broken / "metrics.json").exists()
+    proc = train([*SHORT, f"hydra.run.dir={broken}"], data_root, tmp_path)
+    assert "resuming from" in proc.stdout and "(step 20)" in proc.stdout
+
+    a, b = weights(straight), weights(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
+    ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
+    assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30
+    assert rb["resumed_from_step"] == 20
+    # TensorBoard shows one trajectory: the killed runs' events past each checkpoint are purged
+    for tag in ("train/loss", "val/neg_elbo"):
+        assert scalars(straight, tag) == scalars(broken, tag), tag
+
+
+def test_sweep_rerun_skips_finished_runs_and_completes_the_rest(data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "estimator=sf,st", "trainer.max_steps=12", "callbacks.latest.every_n_train_steps=4",
+            kill_at(6, only="StraightThrough"), *QUICK, f"hydra.sweep.dir={sweep}"]
+    proc = train(args, data_root, tmp_path, check=False)  # sf finishes, then st is killed at step 6
+    assert proc.returncode == -9
+    runs = {p.name.split(",")[0]: p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    assert set(runs) == {"sf", "st"}
+    assert json.loads((runs["sf"] / "metrics.json").read_text())["status"] == "finished"
+    assert not (runs["st"] / "metrics.json").exists()
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in runs["sf"].rglob("*") if p.is_file() and ".hydra" not in p.parts}
+
+    proc = train(args, data_root, tmp_path)  # the same command again
+    assert "already finished (metrics.json): skipped" in proc.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept, "a finished run was rewritten"
+    record = json.loads((runs["st"] / "metrics.json").read_text())
+    assert record["status"] == "finished" and record["steps"] == 12 and record["resumed_from_step"] == 4
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_and_cluster_launchers_run_a_sweep(launcher, data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
+    train(["-m", f"hydra/launcher={launcher}", *extra, "estimator=sf,st", "trainer.max_steps=4", *QUICK,
+           f"hydra.sweep.dir={sweep}"], data_root, tmp_path)
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert sorted(r["estimator"] for r in records) == ["sf", "st"]
+    assert all(r["status"] == "finished" and r["steps"] == 4 for r in records)
+
+
+def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    # validation every 5 steps, the loss checked every 10: the first validation already sees NaN
+    proc = train(["-m", "model.optimizer.lr=1e20,1e-3", "trainer.max_steps=40", "trainer.val_check_interval=5",
+                  "trainer.log_every_n_steps=10", *QUICK, f"hydra.sweep.dir={sweep}"], data_root, tmp_path, check=False)
+    assert proc.returncode != 0, "the sweep reports the diverged job"
+    suffix = ",trainer.max_steps=40,trainer.val_check_interval=5"
+    diverged, healthy = (sweep / f"model.optimizer.lr=1e+20{suffix}", sweep / f"model.optimizer.lr=0.001{suffix}")
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))  # noqa: E731
+    record = strict((diverged / "metrics.json").read_text())
+    assert record["status"] == "diverged" and record["steps"] <= 10
+    assert "diverged at step" in record["error"] and "model.optimizer.lr" in record["error"]
+    assert not list((diverged / "checkpoints").glob("best*")), "a non-finite checkpoint was kept as best"
+    assert strict((healthy / "metrics.json").read_text())["status"] == "finished", "the sweep carried on"
+
+    report = subprocess.run([sys.executable, "scripts/report.py", str(sweep)], cwd=REPO, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    text = (sweep / "report.md").read_text()
+    assert "1 diverged" in text and "**diverged**" in text
+
+    single = train(["model.optimizer.lr=1e20", "trainer.max_steps=20", "trainer.log_every_n_steps=5", *QUICK,
+                    f"hydra.run.dir={tmp_path / 'single'}"], data_root, tmp_path, check=False)
+    assert single.returncode == 1 and "Traceback" not in single.stderr
+    assert "training diverged at step 5" in single.stderr and single.stderr.count("training diverged") == 1
+
+
+def test_a_run_shorter_than_an_epoch_ends_validated(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(["trainer.max_steps=7", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["metrics"]["val/neg_elbo"] is not None and record["best_checkpoint"].endswith("best-step7.ckpt")
+    assert not list(run.glob("events.out.tfevents.*")), "logger=null writes no event files"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    """One short st_gumbel run (N=20): its folder, for resuming and evaluating with wrong inputs."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(["trainer.max_steps=3", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, run.parent)
+    return run
+
+
+def bad_inputs(trained: Path, tmp: Path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    truncated, text = tmp / "truncated.ckpt", tmp / "text.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    text.write_text("not a checkpoint\n")
+    train_ = "scripts/train.py"
+    return [
+        (train_, ["estimator.tau=abc"], "estimator.tau"),
+        (train_, ["model.optimizer.lr=fast"], "model.optimizer.lr must be a number, got 'fast'"),
+        (train_, ["model.optimizer.lr=1e38"], "model.optimizer.lr must be at most"),
+        (train_, [f"ckpt_path={ckpt}", "model.num_latents=30"], "has model.num_latents=20, the config says 30"),
+        (train_, [f"ckpt_path={ckpt}", "estimator=sf"], "trained with estimator=st_gumbel (STGumbelSoftmax), the config says estimator=sf"),
+        (train_, ["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
+        ("scripts/evaluate.py", [f"ckpt_path={truncated}"], f"cannot read the checkpoint {truncated}"),
+        ("scripts/evaluate.py", [f"ckpt_path={text}"], f"cannot read the checkpoint {text}"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_inputs_give_one_clear_line(case, trained, data_root, tmp_path):
+    script, args, message = bad_inputs(trained, tmp_path)[case]
+    run_args = [*args, "trainer.max_steps=2", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"] if script.endswith("train.py") else args
+    proc = train(run_args, data_root, tmp_path, check=False, script=script)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1, "the error is printed once"
+
+
+def test_evaluate_help_lists_only_its_own_options(data_root, tmp_path):
+    proc = train(["--help"], data_root, tmp_path, script="scripts/evaluate.py")
+    assert "ckpt_path" in proc.stdout and "num_samples" in proc.stdout
+    assert "estimator:" not in proc.stdout and "Configuration groups" not in proc.stdout

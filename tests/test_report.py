@@ -82,7 +82,7 @@ def test_report_table_csv_and_plots(sweep):
     assert table.index("| gumbel |") < table.index("| sf |")  # best test/neg_elbo first
     assert "**failed**" in table and "ConfigError: K^N is over budget" in table
     assert "**unfinished**" in table and "last val/neg_elbo 190.00 at step 199" in table
-    assert "8 runs: 6 finished, 1 failed, 1 did not finish" in table
+    assert "8 runs: 6 finished, 1 failed, 0 diverged, 1 did not finish" in table
     for name in ("val_neg_elbo.png", "test_nll.png"):
         png = (sweep / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(png) < 200_000

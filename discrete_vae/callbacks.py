@@ -56,7 +56,8 @@ class TemperatureAnnealing(L.Callback):
             return
         if trainer.global_step % self.interval == 0:
             self._set(trainer, estimator)
-        pl_module.log("train/temperature", estimator.tau, on_step=True, on_epoch=False)
+        if trainer._logger_connector.should_update_logs:  # only on the steps that log (see the model)
+            pl_module.log("train/temperature", estimator.tau, on_step=True, on_epoch=False)
 
 
 class GradientStats(L.Callback):

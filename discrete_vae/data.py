@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from discrete_vae.errors import ConfigError, DataError
+from discrete_vae.sampling import derive_seed
 
 BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -48,12 +49,6 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("DISCRETE_VAE_DATA") or "data").expanduser().resolve()
 
 
-def epoch_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from the run's seed and (epoch, batch, ...) keys: the data order and
-    the binarization noise are pure functions of these, so a resumed run replays them exactly."""
-    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(2, np.uint64)[0] >> 1)
-
-
 class Batches:
     """Batches of rows of one tensor; a shuffled epoch is one `randperm` on the tensor's device.
 
@@ -67,9 +62,10 @@ class Batches:
     datamodule calls `advance(epoch_length)` when a batch reaches the step. Iterated without
     a trainer (no `advance`), each full pass is the next epoch.
 
-    Under DDP each of `world_size` ranks takes every `world_size`-th index of the one shared
-    permutation: disjoint shares that together cover the epoch (when the rows do not divide
-    evenly the last few are left out, so every rank runs the same number of steps).
+    Under DDP rank r of `world_size` takes the r-th contiguous share of the one shared
+    permutation (of the rows in order, for evaluation): disjoint shares that together cover
+    the epoch (when the rows do not divide evenly the last few are left out, so every rank
+    runs the same number of steps).
     """
 
     def __init__(
@@ -108,21 +104,20 @@ class Batches:
 
     def _batches(self, epoch: int, skip: int):
         device = self.data.device
+        share = self._rows()
+        first = self.rank * share  # this rank's rows: [first, first + share) of the (permuted) split
         order = None
-        if self.shuffle or self.world_size > 1:
-            generator = torch.Generator(device).manual_seed(epoch_seed(self.seed, epoch))
-            order = torch.randperm(len(self.data), device=device, generator=generator) if self.shuffle else None
-            if self.world_size > 1:
-                index = order if order is not None else torch.arange(len(self.data), device=device)
-                order = index[self.rank :: self.world_size][: self._rows()]  # this rank's share
+        if self.shuffle:
+            generator = torch.Generator(device).manual_seed(derive_seed(self.seed, epoch))
+            order = torch.randperm(len(self.data), device=device, generator=generator)[first : first + share]
         for i in range(skip, len(self)):
-            window = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            rows = self.data[window] if order is None else self.data[order[window]]  # (B, D)
-            rows = rows.float()
+            start, end = i * self.batch_size, min((i + 1) * self.batch_size, share)
+            rows = self.data[first + start : first + end] if order is None else self.data[order[start:end]]  # (B, D)
+            batch = rows.float()
             if self.binarize:  # dynamic binarization, fresh per batch, replayable per (epoch, batch)
-                generator = torch.Generator(device).manual_seed(epoch_seed(self.seed, epoch, i, self.rank))
-                rows = torch.bernoulli(rows, generator=generator)
-            yield rows
+                generator = torch.Generator(device).manual_seed(derive_seed(self.seed, epoch, i, self.rank))
+                batch = torch.bernoulli(batch, generator=generator)
+            yield batch
 
 
 # -- statically binarized MNIST ---------------------------------------------------------------

@@ -26,7 +26,7 @@ from discrete_vae.estimators import Estimator
 from discrete_vae.networks import Decoder, Encoder
 
 
-EVAL_SEED = 0  # the seed of the noise of every validation and test pass
+EVAL_SEED = 0  # the seed of the noise of every validation and test pass (with the batch's index)
 
 
 def check_optimizer(optimizer: Callable | None) -> None:
@@ -45,34 +45,6 @@ def check_optimizer(optimizer: Callable | None) -> None:
             raise ConfigError(f"model.optimizer.betas must be two numbers in [0, 1), got {betas!r}")
         for beta in betas:
             require_number("model.optimizer.betas", beta, low=0, high=0.999999)
-
-
-def rng_states() -> dict:
-    """The global RNG streams that training draws from: torch's CPU and CUDA generators, plus
-    numpy's and Python's for user code."""
-    import random
-
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)  # torch.load-safe
-    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"].cpu())
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 class StepOutput(NamedTuple):
@@ -101,6 +73,7 @@ class CategoricalVAE(L.LightningModule):
         optimizer: Callable | None = None,
         num_images: int = 8,
         test_iwae_samples: int = 50,
+        seed: int = 0,
     ):
         super().__init__()
         if num_latents < 1 or num_categories < 2:
@@ -123,7 +96,7 @@ class CategoricalVAE(L.LightningModule):
         self.num_images = num_images
         self.test_iwae_samples = int(test_iwae_samples)
         self._image_batch: Tensor | None = None
-        self._eval_generator: torch.Generator | None = None
+        self.seed = int(require_number("seed", seed, integer=True))
 
     # -- the model ---------------------------------------------------------------------------
     def cost(self, z: Tensor, x: Tensor) -> Tensor:
@@ -169,31 +142,38 @@ class CategoricalVAE(L.LightningModule):
             )
         return out.loss
 
-    # -- evaluation: its own noise, so that it neither depends on nor moves the training stream ----
-    def _reset_eval_generator(self) -> None:
-        """Every validation (and the test) draws the same noise: validation numbers of different
-        epochs are comparable, and the training RNG stream is what it would be without them."""
-        self._eval_generator = torch.Generator(self.device).manual_seed(EVAL_SEED + self.global_rank)
+    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
+        """The step's noise comes from the global RNG seeded from (seed, step, rank): a pure function
+        of where training is, so a resumed run (DDP included) draws exactly what the uninterrupted
+        run drew, and each rank draws its own. Seeding is a host-side call: no device sync."""
+        seed = sampling.derive_seed(self.seed, self.global_step, self.global_rank)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it queues CUDA seeding with a stack trace
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)  # this device's generator
 
-    def on_validation_epoch_start(self) -> None:
-        self._reset_eval_generator()
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_eval_generator()
+    # -- evaluation: its own noise, which neither depends on nor moves the training stream -------
+    def _eval_generator(self, batch_idx: int, num_batches) -> torch.Generator:
+        """The noise of evaluation batch `batch_idx`: seeded by its index in the whole split, so every
+        validation draws the same noise (epochs are comparable) and, with DDP's contiguous shards,
+        each batch draws what it draws in one process (the reduced metric is the same)."""
+        index = self.global_rank * int(num_batches[0] if isinstance(num_batches, list) else num_batches) + batch_idx
+        return torch.Generator(self.device).manual_seed(sampling.derive_seed(EVAL_SEED, index))
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         if batch_idx == 0:
             self._image_batch = batch[: self.num_images]
-        neg_elbo = self.neg_elbo(batch, self._eval_generator).mean()
+        generator = self._eval_generator(batch_idx, self.trainer.num_val_batches)
+        neg_elbo = self.neg_elbo(batch, generator).mean()
         self.log("val/neg_elbo", neg_elbo, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        neg_elbo = self.neg_elbo(batch, self._eval_generator).mean()
+        generator = self._eval_generator(batch_idx, self.trainer.num_test_batches)
+        neg_elbo = self.neg_elbo(batch, generator).mean()
         self.log("test/neg_elbo", neg_elbo, batch_size=batch.shape[0], sync_dist=True)
         if self.test_iwae_samples > 0:  # the importance-weighted bound with m samples per image
             from discrete_vae.evaluation import iwae_bound  # evaluation imports this module
 
-            nll = iwae_bound(self, batch, self.test_iwae_samples, generator=self._eval_generator)
+            nll = iwae_bound(self, batch, self.test_iwae_samples, generator=generator)
             self.log("test/nll_iwae", nll.mean(), batch_size=batch.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -206,7 +186,7 @@ class CategoricalVAE(L.LightningModule):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             x = self._image_batch
-            recon = torch.sigmoid(self.decoder(sampling.gumbel_max(self.encoder(x), generator=self._eval_generator)))
+            recon = torch.sigmoid(self.decoder(sampling.gumbel_max(self.encoder(x), generator=self._eval_generator(0, 1))))
             side = math.isqrt(x.shape[-1])
             pairs = torch.cat([x, recon]).view(-1, 1, side, side)  # inputs in the first row
             logger.experiment.add_image("val/reconstructions", make_grid(pairs, nrow=len(x)), self.global_step)
@@ -226,11 +206,12 @@ class CategoricalVAE(L.LightningModule):
         if run_config is not None:  # lets discrete_vae.training.load_checkpoint rebuild the model
             checkpoint["config"] = run_config
             checkpoint["choices"] = getattr(self, "run_choices", {})  # estimator=..., for messages
-        checkpoint["rng_states"] = rng_states()  # the noise to come: a resumed run draws the same
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
+        """The configured optimizer; Adam and AdamW take their fused kernel (one multi-tensor update
+        instead of a loop over parameters) on the CPU and CUDA unless `fused` is set explicitly."""
+        factory, extra = self.optimizer_factory, {}
+        fusable = getattr(factory, "func", None) in (torch.optim.Adam, torch.optim.AdamW)
+        if fusable and "fused" not in factory.keywords and self.device.type in ("cpu", "cuda"):
+            extra["fused"] = True
+        return factory(self.parameters(), **extra)

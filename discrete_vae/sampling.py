@@ -26,6 +26,16 @@ import torch.nn.functional as F
 Size = tuple[int, ...] | torch.Size
 
 
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, e.g. (run seed, step, rank): independent streams for
+    different keys (numpy's SeedSequence hashing), the same stream for the same keys. Makes the
+    noise of a step, the order of an epoch or the noise of an evaluation batch a pure function
+    of where it is, which is what lets a resumed or sharded run draw exactly the same."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
 def clamp_unit(u: torch.Tensor) -> torch.Tensor:
     """Clamp uniforms into [tiny, 1 - eps/2], the closed range where -log(-log u) is finite.
 

@@ -236,22 +236,14 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
-    quiet_third_party()
-    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
-    set_num_threads(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    datamodule = instantiate(cfg.data)
-    model = build_model(cfg)
-    ckpt_path = _resume_from(cfg, output_dir, resume)
-    resumed_step = 0
-    if ckpt_path is not None:  # fails here, with the setting that differs, before any run output
-        checkpoint = read_checkpoint(ckpt_path)
-        check_checkpoint_fits(checkpoint, cfg, ckpt_path)
-        resumed_step = int(checkpoint.get("global_step", 0))
-        del checkpoint
-        log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
+def build_run(
+    cfg: DictConfig, output_dir: Path, resumed_step: int = 0, fresh: bool = True,
+    datamodule=None, model: CategoricalVAE | None = None, extra_trainer: dict | None = None,
+) -> tuple[L.LightningDataModule, CategoricalVAE, L.Trainer]:
+    """The datamodule (splits loaded), the model and the Trainer of a run, as scripts/train.py
+    builds them (scripts/benchmark_fit.py times exactly these)."""
+    datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
+    model = model if model is not None else build_model(cfg)
     datamodule.load_splits()  # missing or corrupt data fails here, before any run output
     summary = run_summary(cfg)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -263,12 +255,34 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
         logger = instantiate(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
-    if logger and trainer.is_global_zero and ckpt_path is None:
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir), **(extra_trainer or {})
+    )
+    if logger and trainer.is_global_zero and fresh:
         params = _flat(model.run_config)
         params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
         log_hparams(logger, params, ["val/neg_elbo", "test/neg_elbo"])
+    return datamodule, model, trainer
 
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
+    quiet_third_party()
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
+    set_num_threads(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)  # config errors of data and model first, before reading anything
+    model = build_model(cfg)
+    ckpt_path = _resume_from(cfg, output_dir, resume)
+    resumed_step = 0
+    if ckpt_path is not None:  # fails here, with the setting that differs, before any run output
+        checkpoint = read_checkpoint(ckpt_path)
+        check_checkpoint_fits(checkpoint, cfg, ckpt_path)
+        resumed_step = int(checkpoint.get("global_step", 0))
+        del checkpoint
+        log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
+    datamodule, model, trainer = build_run(cfg, output_dir, resumed_step=resumed_step, fresh=ckpt_path is None,
+                                           datamodule=datamodule, model=model)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise KeyboardInterrupt

@@ -34,7 +34,7 @@ def train(args, data_root, tmp_path, check=True, script="scripts/train.py"):
 
 def kill_at(step, only=None):
     extra = f",only:{only}" if only else ""
-    return f"+callbacks.kill={{_target_:killer.KillOnce,step:{step}{extra}}}"
+    return f"+callbacks.kill={{_target_:probes.KillOnce,step:{step}{extra}}}"
 
 
 def weights(run_dir):

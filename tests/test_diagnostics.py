@@ -136,10 +136,17 @@ class Synthetic(_TensorDataModule):
 
 
 class DrawsRandomNumbers(L.Callback):
-    """A careless callback: one global draw per step."""
+    """A careless callback: one global draw per step (harmless: the model seeds each step's noise)."""
 
     def on_train_batch_start(self, *args):
         torch.rand(1)
+
+
+class Meddles(L.Callback):
+    """A callback that does change training: it moves the score function's baseline."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        pl_module.estimator.ema.add_(1.0)
 
 
 def fit(tmp_path, extra_callbacks, name):
@@ -162,9 +169,11 @@ def test_grad_stats_callback_logs_and_leaves_training_bitwise_unchanged(tmp_path
     with_stats, logdir = fit(tmp_path, [stats], "with")
     without, _ = fit(tmp_path, [], "without")
     careless, _ = fit(tmp_path, [DrawsRandomNumbers()], "careless")
-    a, b, c = with_stats.state_dict(), without.state_dict(), careless.state_dict()
+    meddled, _ = fit(tmp_path, [Meddles()], "meddled")
+    a, b, c, d = with_stats.state_dict(), without.state_dict(), careless.state_dict(), meddled.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)  # the comparison can fail
+    assert all(torch.equal(a[k], c[k]) for k in a), "each step's noise is seeded: stray draws change nothing"
+    assert not all(torch.equal(a[k], d[k]) for k in a)  # the comparison can fail
     assert stats.batch.shape == (20, 784)  # the first 20 validation images (16 + 4)
     events = EventAccumulator(str(logdir)).Reload()
     for tag in ("grad/variance", "grad/bias", "grad/cosine", "grad/snr"):

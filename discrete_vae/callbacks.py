@@ -4,6 +4,9 @@ The schedule is a pure function of the global step, so a resumed run continues i
 exactly: the callback recomputes tau from `trainer.global_step` before every batch.
 `GradientStats` runs discrete_vae.diagnostics on a held-out batch every n steps and logs
 the gradient's variance, bias, cosine and SNR, without changing the training trajectory.
+For long runs: `LatestCheckpoint` (last.ckpt every N steps, for exact resume),
+`DivergenceGuard` (stops a run whose loss is no longer finite) and `ValidateAtLastStep`
+(a run stopped mid-epoch still ends validated).
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, TrainingDiverged
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the trainer hands metrics to the loggers at this step (every log_every_n_steps, and
+    at a requested stop): Lightning's own rule. Metrics logged on other steps would only cost
+    Lightning's bookkeeping, so the model and the callbacks log nothing then."""
+    return trainer._logger_connector.should_update_logs
 
 
 def temperature_schedule(step: int, tau_0: float, tau_min: float, rate: float, interval: int) -> float:
@@ -56,7 +66,7 @@ class TemperatureAnnealing(L.Callback):
             return
         if trainer.global_step % self.interval == 0:
             self._set(trainer, estimator)
-        if trainer._logger_connector.should_update_logs:  # only on the steps that log (see the model)
+        if logs_this_step(trainer):
             pl_module.log("train/temperature", estimator.tau, on_step=True, on_epoch=False)
 
 
@@ -175,8 +185,6 @@ class DivergenceGuard(L.Callback):
         self.check_every_n_steps, self.monitor = check_every_n_steps, monitor
 
     def _raise(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
-        from discrete_vae.errors import TrainingDiverged
-
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         tau = getattr(pl_module.estimator, "tau", None)
         hints = [f"lower the learning rate (model.optimizer.lr={lr:g} now)" if lr is not None else "lower the learning rate"]
@@ -215,9 +223,10 @@ class ValidateAtLastStep(L.Callback):
 
 
 class LatestCheckpoint(ModelCheckpoint):
-    """`last.ckpt`: the whole training state (weights, optimizer, RNG streams, data position, callback
-    states) every `every_n_train_steps` steps and at the end of fit, so that a run killed at any
-    moment resumes exactly from at most that many steps back. It keeps no other checkpoint."""
+    """`last.ckpt`: the whole training state (weights, optimizer, estimator buffers, data position,
+    callback states; the noise needs none, it is seeded per step) every `every_n_train_steps` steps
+    and at the end of fit, so that a run killed at any moment resumes exactly from at most that
+    many steps back. It keeps no other checkpoint."""
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 1000):
         if not (isinstance(every_n_train_steps, int) and every_n_train_steps >= 1):

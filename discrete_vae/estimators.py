@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from discrete_vae import sampling
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, require_number
 
 CostFn = Callable[[Tensor], Tensor]  # z (*S, B, N, K) -> cost (*S, B)
 
@@ -51,10 +51,9 @@ class TemperatureEstimator(Estimator):
 
     def __init__(self, tau: float = 1.0, tau_min: float | None = None):
         super().__init__()
-        if not tau > 0:
-            raise ConfigError(f"estimator.tau must be positive, got {tau}")
-        if tau_min is not None and not tau_min > 0:
-            raise ConfigError(f"estimator.tau_min must be positive or null, got {tau_min}")
+        require_number("estimator.tau", tau, positive=True, hint="for example estimator.tau=1.0")
+        if tau_min is not None:
+            require_number("estimator.tau_min", tau_min, positive=True, hint="a positive number or null")
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.tau_min = tau_min
 
@@ -72,8 +71,7 @@ class ScoreFunction(Estimator):
 
     def __init__(self, momentum: float = 0.99):
         super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"estimator.momentum must be in [0, 1), got {momentum}")
+        require_number("estimator.momentum", momentum, low=0.0, high=0.999999, hint="in [0, 1), e.g. 0.99")
         self.momentum = momentum
         self.register_buffer("ema", torch.zeros(()))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
@@ -105,7 +103,7 @@ class RLOO(Estimator):
 
     def __init__(self, num_samples: int = 4):
         super().__init__()
-        if int(num_samples) != num_samples or num_samples < 2:
+        if not (isinstance(num_samples, int) and not isinstance(num_samples, bool)) or num_samples < 2:
             raise ConfigError(
                 f"estimator.num_samples must be an integer >= 2 for rloo (the leave-one-out "
                 f"baseline needs another sample), got {num_samples}"
@@ -166,8 +164,7 @@ class GumbelRao(TemperatureEstimator):
 
     def __init__(self, tau: float = 1.0, num_mc: int = 10, tau_min: float | None = None):
         super().__init__(tau, tau_min)
-        if int(num_mc) != num_mc or num_mc < 1:
-            raise ConfigError(f"estimator.num_mc must be a positive integer, got {num_mc}")
+        require_number("estimator.num_mc", num_mc, positive=True, integer=True)
         self.num_mc = int(num_mc)
 
     def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
@@ -217,8 +214,8 @@ class Exact(Estimator):
 
     def __init__(self, max_configs: int = 4096, chunk_size: int = 256):
         super().__init__()
-        if max_configs < 1 or chunk_size < 1:
-            raise ConfigError("estimator.max_configs and estimator.chunk_size must be positive")
+        require_number("estimator.max_configs", max_configs, positive=True, integer=True)
+        require_number("estimator.chunk_size", chunk_size, positive=True, integer=True)
         self.max_configs = int(max_configs)
         self.chunk_size = int(chunk_size)
 

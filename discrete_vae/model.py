@@ -3,9 +3,12 @@
 N independent categorical latents of K categories, a uniform prior, an analytic
 KL, and a pluggable gradient estimator (discrete_vae.estimators) for the
 reconstruction term E_q[-log p(x|z)]. `training_step` is thin: it delegates to
-`_estimate`, logs tensors and returns the surrogate loss, with no host
-synchronisation. Validation and test report the true negative ELBO with a hard
-sample z ~ q(z|x), whatever the estimator, so estimators are compared on one number.
+`_estimate`, hands metrics (tensors) to the logger only on the steps that log, and
+returns the surrogate loss, with no host synchronisation. Each step's noise is seeded
+from (seed, step, rank), so that a resumed or data-parallel run draws exactly the noise
+it would have drawn uninterrupted. Validation and test report the true negative ELBO with
+a hard sample z ~ q(z|x), whatever the estimator, so estimators are compared on one
+number; their noise is seeded per batch, apart from the training stream.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from discrete_vae import sampling
+from discrete_vae.callbacks import logs_this_step
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.networks import Decoder, Encoder
@@ -38,7 +42,7 @@ def check_optimizer(optimizer: Callable | None) -> None:
         require_number("model.optimizer.lr", keywords["lr"], positive=True, high=1e30, hint=hint)
     for key in ("weight_decay", "eps", "momentum"):
         if key in keywords:
-            require_number(f"model.optimizer.{key}", keywords[key], low=0, hint=f"a non-negative number")
+            require_number(f"model.optimizer.{key}", keywords[key], low=0, hint="a non-negative number")
     if "betas" in keywords:
         betas = keywords["betas"]
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
@@ -128,14 +132,9 @@ class CategoricalVAE(L.LightningModule):
         return self.cost(z, x) + kl_to_uniform(logits)
 
     # -- Lightning hooks ---------------------------------------------------------------------
-    def _logs_this_step(self) -> bool:
-        """Whether the trainer hands metrics to the loggers at this step (every log_every_n_steps):
-        Lightning's own rule. On the other steps nothing is logged, so nothing is bookkept."""
-        return self._trainer is not None and self.trainer._logger_connector.should_update_logs
-
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self._estimate(batch)
-        if self._logs_this_step():
+        if self._trainer is not None and logs_this_step(self.trainer):
             self.log_dict(
                 {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
                 on_step=True, on_epoch=False, batch_size=batch.shape[0],

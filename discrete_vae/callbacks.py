@@ -11,13 +11,16 @@ For long runs: `LatestCheckpoint` (last.ckpt every N steps, for exact resume),
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from discrete_vae.errors import ConfigError, TrainingDiverged
+from discrete_vae.errors import ConfigError, TrainingDiverged, require_number
+
+log = logging.getLogger(__name__)
 
 
 def logs_this_step(trainer: L.Trainer) -> bool:
@@ -35,30 +38,52 @@ def temperature_schedule(step: int, tau_0: float, tau_min: float, rate: float, i
 
 
 class TemperatureAnnealing(L.Callback):
-    """Sets `estimator.tau` from `temperature_schedule` and logs `train/temperature`.
+    """Sets `estimator.tau` from `temperature_schedule` and logs `train/temperature` (on the steps
+    that log) for estimators with a temperature; does nothing for the others.
 
-    Does nothing for estimators without a temperature. An estimator's own `tau_min`
-    (ReinMax's, for instance) is a floor the schedule respects as well.
+    The schedule starts from the estimator's own configured `tau` (`estimator.tau=5` gives 5 at
+    step 0), unless `tau_0` is given here explicitly. Its floor is `tau_min`, raised to the
+    estimator's own `tau_min` where it has one (ReinMax's 1.3). A start below the floor is a
+    contradiction (the temperature set would never be used) and is refused at the start of fit.
     """
 
-    def __init__(self, tau_0: float = 1.0, tau_min: float = 0.5, rate: float = 1e-4, interval: int = 1000):
-        if not (tau_0 > 0 and tau_min > 0 and rate >= 0 and interval >= 1):
-            raise ConfigError(
-                "callbacks.temperature needs tau_0 > 0, tau_min > 0, rate >= 0 and interval >= 1; "
-                f"got tau_0={tau_0}, tau_min={tau_min}, rate={rate}, interval={interval}"
-            )
+    def __init__(self, tau_0: float | None = None, tau_min: float = 0.5, rate: float = 1e-4, interval: int = 1000):
+        if tau_0 is not None:
+            require_number("callbacks.temperature.tau_0", tau_0, positive=True, hint="or null for the estimator's tau")
+        require_number("callbacks.temperature.tau_min", tau_min, positive=True)
+        require_number("callbacks.temperature.rate", rate, low=0.0)
+        require_number("callbacks.temperature.interval", interval, positive=True, integer=True)
         self.tau_0, self.tau_min, self.rate, self.interval = tau_0, tau_min, rate, interval
 
+    def start(self, estimator) -> float:
+        """tau at step 0: `tau_0` if given, else the estimator's configured tau."""
+        return float(self.tau_0 if self.tau_0 is not None else estimator.tau_0)
+
+    def floor(self, estimator) -> float:
+        return max(self.tau_min, getattr(estimator, "tau_min", None) or 0.0)
+
     def temperature(self, step: int, estimator) -> float:
-        floor = max(self.tau_min, getattr(estimator, "tau_min", None) or 0.0)
-        return temperature_schedule(step, self.tau_0, floor, self.rate, self.interval)
+        return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate, self.interval)
 
     def _set(self, trainer: L.Trainer, estimator) -> None:
         estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(getattr(pl_module.estimator, "tau", None), torch.Tensor):
-            self._set(trainer, pl_module.estimator)  # also right after a resume, at any step
+        estimator = pl_module.estimator
+        if not isinstance(getattr(estimator, "tau", None), torch.Tensor):
+            return
+        start, floor = self.start(estimator), self.floor(estimator)
+        if start < floor:
+            source = "callbacks.temperature.tau_0" if self.tau_0 is not None else "estimator.tau"
+            raise ConfigError(
+                f"{source}={start:g} is below the temperature's floor {floor:g} (the larger of "
+                f"callbacks.temperature.tau_min={self.tau_min:g} and estimator.tau_min="
+                f"{getattr(estimator, 'tau_min', None)}), so it would never be used. Raise {source} "
+                f"or lower the floor (callbacks.temperature.tau_min, estimator.tau_min=null)."
+            )
+        self._set(trainer, estimator)  # also right after a resume, at any step
+        log.info("temperature: %g at step %d, annealed to %g (rate %g every %d steps)", float(estimator.tau),
+                 trainer.global_step, floor, self.rate, self.interval)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         estimator = pl_module.estimator

@@ -54,7 +54,8 @@ class TemperatureEstimator(Estimator):
         require_number("estimator.tau", tau, positive=True, hint="for example estimator.tau=1.0")
         if tau_min is not None:
             require_number("estimator.tau_min", tau_min, positive=True, hint="a positive number or null")
-        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("tau", torch.tensor(float(tau)))  # the current tau, set by the annealing
+        self.tau_0 = float(tau)  # the configured tau: where the annealing starts
         self.tau_min = tau_min
 
 
@@ -201,6 +202,97 @@ class ReinMax(TemperatureEstimator):
         p2 = 2.0 * p1 - 0.5 * p0
         f = cost(sampling.straight_through(hard, p2))
         return EstimatorOutput(f, f)
+
+
+class GappedStraightThrough(TemperatureEstimator):
+    """Gapped Straight-Through, GST (Fan, Chi, Rudnicky & Ramadge 2022, "Training Discrete Deep
+    Generative Models via Gapped Straight-Through Estimator", Sec. 4): straight-through Gumbel-Softmax
+    with its random noise replaced by a deterministic perturbation m of the logits, given the
+    sample D ~ Cat(softmax(logits)), that makes D the argmax with a gap kappa:
+
+        m1 = (max_j logits_j - logits) * D              (the sampled logit moves up to the maximum)
+        m2 = relu(logits - max_j logits + kappa) * (1 - D)   (the others move down to max - kappa)
+        forward D, backward through softmax((logits + stopgrad(m1 - m2)) / tau).
+
+    So the perturbed logits are max_j logits_j at D and min(logits_i, max_j logits_j - kappa)
+    elsewhere. kappa = `gap` = 1.0 as in the authors' experiments (their Sec. 5); one decoder
+    evaluation, no noise in the backward pass.
+    """
+
+    def __init__(self, tau: float = 1.0, gap: float = 1.0, tau_min: float | None = None):
+        super().__init__(tau, tau_min)
+        self.gap = float(require_number("estimator.gap", gap, low=0.0, hint="the paper's kappa, 1.0"))
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        hard = sampling.gumbel_max(logits)  # (B, N, K)
+        with torch.no_grad():
+            top = logits.amax(-1, keepdim=True)  # (B, N, 1)
+            m1 = (top - logits) * hard
+            m2 = torch.relu(logits - top + self.gap) * (1.0 - hard)
+        soft = torch.softmax((logits + (m1 - m2)) / self.tau, dim=-1)
+        f = cost(sampling.straight_through(hard, soft))
+        return EstimatorOutput(f, f)
+
+
+class ZGR(Estimator):
+    """ZGR, the zero-temperature limit of Gumbel-Rao (Shekhovtsov 2023, "Cold Analysis of
+    Rao-Blackwellized Straight-Through Gumbel-Softmax Gradient Estimator", Sec. 4, Eq. 15):
+    the average of the straight-through Jacobian and the DARN one (Gregor et al. 2014),
+
+        D ~ Cat(p), p = softmax(logits),
+        dD/dlogits := 1/2 [ dp/dlogits + (D - p) (d log p_D / dlogits)^T ],
+        forward D, backward through 1/2 (p + stopgrad(D - p) log p_D).
+
+    No temperature, one decoder evaluation. For two categories it is half the DARN estimator.
+    """
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        hard = sampling.gumbel_max(logits)  # (B, N, K)
+        log_p = torch.log_softmax(logits, dim=-1)
+        log_p_hard = (log_p * hard).sum(-1, keepdim=True)  # (B, N, 1) log p of the sample
+        surrogate = 0.5 * (log_p.exp() + (hard - log_p.exp()).detach() * log_p_hard)
+        f = cost(sampling.straight_through(hard, surrogate))
+        return EstimatorOutput(f, f)
+
+
+class IndeCateR(Estimator):
+    """IndeCateR (De Smet, Sansone & Zuidberg Dos Martires 2023, "Differentiable Sampling of
+    Categorical Distributions Using the CatLog-Derivative Trick", Theorem 4.2 / Eq. 10):
+    unbiased, Rao-Blackwellised per latent. With S samples z^(s) ~ q and z^(s)[n <- k] the
+    sample with latent n set to category k,
+
+        grad_logits_n E_q[f] ~= 1/S sum_s sum_k f(z^(s)[n <- k]) grad q_n(k),
+
+    the exact sum over latent n's categories given the others. Its surrogate is
+    sum_n sum_k q_nk stopgrad(f(z[n <- k])) (value zero, subtracted out); the decoder's gradient
+    and the reported value are those of f at the S samples. Cost: S (N K + 1) decoder
+    evaluations per example (S * 201 on the 20x10 model), the N K ones without gradient and
+    `chunk_size` configurations at a time, so memory stays bounded.
+    """
+
+    def __init__(self, num_samples: int = 1, chunk_size: int = 64):
+        super().__init__()
+        self.num_samples = int(require_number("estimator.num_samples", num_samples, positive=True, integer=True))
+        self.chunk_size = int(require_number("estimator.chunk_size", chunk_size, positive=True, integer=True))
+
+    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+        S, (N, K) = self.num_samples, logits.shape[-2:]
+        z = sampling.gumbel_max(logits, (S,))  # (S, B, N, K)
+        f = cost(z)  # (S, B), the decoder's gradient flows here
+        eye = torch.eye(K, dtype=z.dtype, device=z.device)  # (K, K)
+        swapped = []
+        with torch.no_grad():
+            for start in range(0, N * K, self.chunk_size):
+                index = torch.arange(start, min(start + self.chunk_size, N * K), device=z.device)  # (C,)
+                n, k = index // K, index % K
+                configs = z.unsqueeze(0).repeat(len(index), *([1] * z.dim()))  # (C, S, B, N, K)
+                configs[torch.arange(len(index)), :, :, n] = eye[k][:, None, None, :]
+                swapped.append(cost(configs))  # (C, S, B)
+        F = torch.cat(swapped).view(N, K, S, -1).permute(2, 3, 0, 1)  # (S, B, N, K)
+        q = torch.softmax(logits, dim=-1)  # (B, N, K)
+        rb = (q * F.mean(0)).sum((-2, -1))  # (B,) sum_n sum_k q_nk f(z[n <- k]), averaged over samples
+        value = f.mean(0)  # (B,)
+        return EstimatorOutput(value + rb - rb.detach(), value)
 
 
 class Exact(Estimator):

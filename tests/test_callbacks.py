@@ -63,10 +63,25 @@ def test_callback_follows_the_schedule_and_resumes_exactly(tmp_path):
 
 
 def test_estimator_floor_is_respected_unless_lowered(tmp_path):
-    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=1.3), 8, tmp_path)
+    free = TemperatureAnnealing(tau_min=0.5, rate=0.1, interval=3)  # tau_0=None: the estimator's own tau
+    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=1.3), 8, tmp_path, anneal=free)
     assert all(t == pytest.approx(1.3) for _, t in seen)
-    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=None), 8, tmp_path)
-    assert [t for _, t in seen] == pytest.approx([expected(s) for s in range(8)])
+    _, _, seen = tiny_fit(E.ReinMax(tau=1.3, tau_min=None), 8, tmp_path, anneal=free)
+    assert [t for _, t in seen] == pytest.approx([max(0.5, 1.3 * math.exp(-0.1 * (s // 3) * 3)) for s in range(8)])
+
+
+def test_the_schedule_starts_from_the_estimators_tau_unless_tau_0_is_given(tmp_path):
+    _, _, seen = tiny_fit(E.GumbelSoftmax(tau=5.0), 4, tmp_path, anneal=TemperatureAnnealing(rate=0.1, interval=3))
+    assert [t for _, t in seen] == pytest.approx([5.0, 5.0, 5.0, 5.0 * math.exp(-0.3)])
+    _, _, seen = tiny_fit(E.GumbelSoftmax(tau=5.0), 2, tmp_path, anneal=TemperatureAnnealing(tau_0=2.0, rate=0.1, interval=3))
+    assert [t for _, t in seen] == pytest.approx([2.0, 2.0])
+
+
+def test_a_start_below_the_floor_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"estimator.tau=0.3 is below the temperature's floor 0.5"):
+        tiny_fit(E.GumbelSoftmax(tau=0.3), 2, tmp_path, anneal=TemperatureAnnealing(tau_min=0.5))
+    with pytest.raises(ConfigError, match=r"callbacks.temperature.tau_0=1 is below the temperature's floor 1.3"):
+        tiny_fit(E.ReinMax(), 2, tmp_path, anneal=TemperatureAnnealing(tau_0=1.0))
 
 
 def test_callback_ignores_estimators_without_temperature(tmp_path):

@@ -21,7 +21,8 @@ def compose_train(overrides):
 
 
 def test_the_registry_holds_the_documented_estimators():
-    assert set(ESTIMATORS) >= {"sf", "gumbel", "st_gumbel", "st", "exact", "rloo", "gumbel_rao", "reinmax"}
+    assert set(ESTIMATORS) >= {"sf", "gumbel", "st_gumbel", "st", "exact", "rloo", "gumbel_rao", "reinmax",
+                               "gst", "zgr", "indecater"}
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -50,7 +51,8 @@ def test_defaults_match_jang_2017():
     assert (cfg.model.num_latents, cfg.model.num_categories, list(cfg.model.hidden_dims)) == (20, 10, [512, 256])
     assert cfg.model.optimizer.lr == 1e-3 and cfg.data.batch_size == 100
     t = cfg.callbacks.temperature
-    assert (t.tau_0, t.tau_min, t.rate, t.interval) == (1.0, 0.5, 1e-4, 1000)
+    assert (t.tau_0, t.tau_min, t.rate, t.interval) == (None, 0.5, 1e-4, 1000)  # starts at estimator.tau
+    assert cfg.estimator.tau == 1.0
 
 
 def test_common_trainer_settings_need_no_plus():

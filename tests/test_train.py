@@ -42,7 +42,7 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     expected = {"train/loss", "train/neg_elbo", "train/recon", "train/kl", "val/neg_elbo", "test/neg_elbo", "test/nll_iwae"}
     assert expected <= scalars, scalars
-    has_tau = name in {"gumbel", "st_gumbel", "st", "gumbel_rao", "reinmax"}
+    has_tau = name in {"gumbel", "st_gumbel", "st", "gumbel_rao", "reinmax", "gst"}
     assert ("train/temperature" in scalars) == has_tau
     assert {"val/reconstructions", "val/samples"} <= images
     assert len(events.Scalars("train/loss")) == 4
@@ -115,3 +115,16 @@ def test_help_shows_the_groups(data_root):
     for group in ("data", "model", "estimator", "trainer", "callbacks", "logger"):
         assert f"{group}:" in proc.stdout, proc.stdout
     assert "st_gumbel" in proc.stdout
+
+
+def test_the_temperature_set_is_the_temperature_used(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(["estimator=gumbel", "estimator.tau=5", *TINY, f"hydra.run.dir={run_dir}"], data_root)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("train/temperature")] == [5.0] * 4
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["state_dict"]["estimator.tau"].item() == 5.0
+
+    proc = run_train(["estimator=gumbel", "estimator.tau=0.2", *TINY, f"hydra.run.dir={tmp_path / 'low'}"], data_root, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "estimator.tau=0.2 is below the temperature's floor 0.5" in proc.stderr

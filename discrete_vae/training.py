@@ -203,8 +203,11 @@ def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any)
 
 
 def _rank() -> int:
-    """This process's global rank under DDP (Lightning's launchers set these), else 0."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    """This process's global rank under DDP, else 0: Lightning's own record of it (read from the
+    launchers' and SLURM's environment, and set by the strategy once it is up)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) or 0
 
 
 def set_num_threads(cfg: DictConfig) -> None:

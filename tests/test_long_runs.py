@@ -78,11 +78,15 @@ def test_sweep_rerun_skips_finished_runs_and_completes_the_rest(data_root, tmp_p
     assert set(runs) == {"sf", "st"}
     assert json.loads((runs["sf"] / "metrics.json").read_text())["status"] == "finished"
     assert not (runs["st"] / "metrics.json").exists()
-    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in runs["sf"].rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    files = [p for p in runs["sf"].rglob("*") if p.is_file()]
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files if ".hydra" not in p.parts}
+    configs = {p: p.read_bytes() for p in files if ".hydra" in p.parts}
 
     proc = train(args, data_root, tmp_path)  # the same command again
     assert "already finished (metrics.json): skipped" in proc.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept, "a finished run was rewritten"
+    # Hydra itself saves the job's config before the job starts: the same bytes again
+    assert {p: p.read_bytes() for p in configs} == configs
     record = json.loads((runs["st"] / "metrics.json").read_text())
     assert record["status"] == "finished" and record["steps"] == 12 and record["resumed_from_step"] == 4
 

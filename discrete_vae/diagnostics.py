@@ -121,7 +121,8 @@ def is_deterministic(estimator: Estimator) -> bool:
 
 def auto_chunk(model: CategoricalVAE, x: Tensor, estimator: Estimator) -> int:
     """Estimates per batched call, bounded by decoder rows and by gradient memory."""
-    samples = getattr(estimator, "num_samples", 1)
+    N, K = model.encoder.shape
+    samples = estimator.decoder_rows(N, K)  # decoder rows per example in one cost call
     num_params = sum(p.numel() for p in encoder_parameters(model))
     return max(1, min(MAX_ROWS // (len(x) * samples), MAX_GRAD_FLOATS // num_params))
 

@@ -177,6 +177,43 @@ def enumerate_one_hot(
     return F.one_hot(digits, num_categories).to(dtype)
 
 
+def other_categories(z: torch.Tensor) -> torch.Tensor:
+    """For each latent of one-hot `z`, the K - 1 categories it does not take, in increasing
+    order.  # (..., N, K) -> (..., N, K-1) int64
+
+    Category j' of the K - 1 is j' + [j' >= k], k the latent's own category.
+    """
+    K = z.shape[-1]
+    own = z.argmax(-1, keepdim=True)  # (..., N, 1)
+    rank = torch.arange(K - 1, device=z.device).expand(*z.shape[:-1], K - 1)  # (..., N, K-1)
+    return rank + (rank >= own).long()
+
+
+def one_latent_changes(z: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Copies of the one-hot samples z (S, ..., N, K) with exactly one latent moved to another
+    category: change c = (s, n, j') of the S * N * (K - 1) in lexicographic order (j' fastest)
+    is z[s] with latent n set to the j'-th of its `other_categories`. Only the slice
+    [start, end) is built, so callers can evaluate the changes in bounded chunks.  # (C, ..., N, K)
+
+    These are the configurations z^{n <- k} (k != z_n) of IndeCateR (De Smet et al. 2023);
+    the change k = z_n is z itself. No noise is drawn here.
+    """
+    S, N, K = z.shape[0], z.shape[-2], z.shape[-1]
+    total = S * N * (K - 1)
+    end = total if end is None else min(end, total)
+    c = torch.arange(start, end, device=z.device)  # (C,)
+    s, n, j = c // (N * (K - 1)), (c // (K - 1)) % N, c % (K - 1)
+    base = z[s]  # (C, ..., N, K)
+    batch_dims = base.dim() - 3
+    others = other_categories(base)  # (C, ..., N, K-1)
+    n_view = n.view(-1, *([1] * batch_dims), 1, 1)  # (C, 1.., 1, 1)
+    target = others.gather(-2, n_view.expand(*others.shape[:-2], 1, K - 1))  # (C, ..., 1, K-1)
+    target = target.gather(-1, j.view(-1, *([1] * batch_dims), 1, 1).expand(*target.shape[:-1], 1))  # (C, ..., 1, 1)
+    new_row = F.one_hot(target.squeeze(-1), K).to(z.dtype)  # (C, ..., 1, K)
+    latent = F.one_hot(n, N).to(torch.bool).view(-1, *([1] * batch_dims), N, 1)  # (C, 1.., N, 1)
+    return torch.where(latent, new_row, base)
+
+
 def log_prob_categorical(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """log Cat(z; softmax(logits)) of one-hot z, summed over the N latents.  # (..., N, K) -> (...)"""
     return (z * torch.log_softmax(logits, dim=-1)).sum(dim=(-2, -1))

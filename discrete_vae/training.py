@@ -224,6 +224,24 @@ def set_num_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(require_number("num_threads", threads, positive=True, integer=True))
 
 
+def check_temperature_settings(overrides: list[str]) -> None:
+    """`estimator.tau` and `callbacks.temperature.tau_0` both given, with different values, on the
+    command line: two starts for one schedule. The user is asked to keep one."""
+    given = {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
+    tau, tau_0 = given.get("estimator.tau"), given.get("callbacks.temperature.tau_0")
+    if tau is None or tau_0 in (None, "null"):
+        return
+    try:
+        same = float(tau) == float(tau_0)
+    except ValueError:
+        return  # not numbers: the estimator or the callback names the bad value
+    if not same:
+        raise ConfigError(
+            f"estimator.tau={tau} and callbacks.temperature.tau_0={tau_0} are two different starts of the "
+            f"temperature schedule; give one (callbacks.temperature.tau_0=null, the default, starts from estimator.tau)"
+        )
+
+
 def _resume_from(cfg: DictConfig, output_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: ckpt_path if given, else with resume=auto the run's last.ckpt."""
     if cfg.get("ckpt_path"):
@@ -274,6 +292,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
     set_num_threads(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    check_temperature_settings(run_summary(cfg)["overrides"])
     datamodule = instantiate(cfg.data)  # config errors of data and model first, before reading anything
     model = build_model(cfg)
     ckpt_path = _resume_from(cfg, output_dir, resume)

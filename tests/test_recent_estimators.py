@@ -123,3 +123,27 @@ def test_indecater_is_the_rao_blackwellised_sum_for_a_fixed_sample(tiny, monkeyp
 def test_indecater_config_errors(bad):
     with pytest.raises(ConfigError):
         E.IndeCateR(**bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zgr_equals_reinmax_at_tau_1(tiny, monkeypatch, seed):
+    """For a one-hot D, ReinMax's Jacobian at tau = 1 (Liu et al. 2023, Alg. 2) reduces to ZGR's,
+    (diag(p) - p p^T + (D - p)(D - p)^T) / 2: same sample, same gradient."""
+    logits, z = one_sample(tiny, seed)
+    use_sample(monkeypatch, z)
+    (zgr,) = torch.autograd.grad(E.ZGR()(logits, tiny.cost).loss.sum(), logits)
+    (reinmax,) = torch.autograd.grad(E.ReinMax(tau=1.0, tau_min=None)(logits, tiny.cost).loss.sum(), logits)
+    torch.testing.assert_close(zgr, reinmax)
+    (warmer,) = torch.autograd.grad(E.ReinMax(tau=1.3)(logits, tiny.cost).loss.sum(), logits)
+    assert not torch.allclose(zgr, warmer), "the comparison can fail: ReinMax at tau 1.3 differs"
+
+
+def test_one_latent_changes_moves_exactly_one_latent_to_each_other_category():
+    z = sampling.gumbel_max(torch.zeros(2, 4, 3, 5), generator=torch.Generator().manual_seed(0))  # (S=2, B=4, N=3, K=5)
+    changes = sampling.one_latent_changes(z)  # (S*N*(K-1), B, N, K)
+    assert changes.shape == (2 * 3 * 4, 4, 3, 5) and ((changes.sum(-1) == 1).all())
+    differs = (changes != z.repeat_interleave(3 * 4, 0)).any(-1)  # (C, B, N) which latent moved
+    assert (differs.sum(-1) == 1).all(), "exactly one latent moved"
+    chunks = torch.cat([sampling.one_latent_changes(z, s, s + 7) for s in range(0, 24, 7)])
+    assert torch.equal(chunks, changes), "chunks are slices of the whole"
+    assert E.IndeCateR(num_samples=2, chunk_size=10).decoder_rows(3, 5) == 10

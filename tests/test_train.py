@@ -128,3 +128,7 @@ def test_the_temperature_set_is_the_temperature_used(data_root, tmp_path):
     proc = run_train(["estimator=gumbel", "estimator.tau=0.2", *TINY, f"hydra.run.dir={tmp_path / 'low'}"], data_root, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "estimator.tau=0.2 is below the temperature's floor 0.5" in proc.stderr
+
+    proc = run_train(["estimator=gumbel", "estimator.tau=5", "callbacks.temperature.tau_0=2", *TINY,
+                      f"hydra.run.dir={tmp_path / 'both'}"], data_root, check=False)
+    assert proc.returncode == 1 and "two different starts of the temperature schedule" in proc.stderr

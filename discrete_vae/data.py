@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from discrete_vae.errors import ConfigError, DataError
+from discrete_vae.errors import DataError, require_number
 from discrete_vae.sampling import derive_seed
 
 BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
@@ -226,11 +226,9 @@ class _TensorDataModule(L.LightningDataModule):
         download: bool = True, seed: int = 0,
     ):
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        require_number("data.batch_size", batch_size, positive=True, integer=True)
+        require_number("data.eval_batch_size", eval_batch_size, positive=True, integer=True)
+        require_number("seed", seed, integer=True)
         self.root = data_root(root)
         self.batch_size, self.eval_batch_size, self.download, self.seed = batch_size, eval_batch_size, download, seed
         self.splits: dict[str, Tensor] = {}

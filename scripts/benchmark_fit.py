@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
+from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import describe_device
 from discrete_vae.training import build_model, build_run, quiet_third_party
 
@@ -121,7 +122,7 @@ def main() -> None:
     quiet_third_party()
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = ["trainer.enable_progress_bar=false", *args.overrides]
+        overrides = normalize_overrides(["trainer.enable_progress_bar=false", *args.overrides], ("data.root",))
         cfg = compose_run(overrides, Path(tmp) / "run0")
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
         splits = instantiate(cfg.data).load_splits()

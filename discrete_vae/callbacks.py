@@ -30,6 +30,12 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
+def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that keeps the best weights (the one with a monitor), not
+    `LatestCheckpoint`, whichever comes first in the list; None when there is none."""
+    return next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+
+
 def temperature_schedule(step: int, tau_0: float, tau_min: float, rate: float, interval: int) -> float:
     """tau = max(tau_min, tau_0 * exp(-rate * t)), t = step rounded down to a multiple of `interval`
     (Jang et al. 2017, Sec. 4.2: tau = max(0.5, exp(-r t)), updated every N steps)."""
@@ -205,8 +211,9 @@ class DivergenceGuard(L.Callback):
     """
 
     def __init__(self, check_every_n_steps: int | None = None, monitor: str = "val/neg_elbo"):
-        if check_every_n_steps is not None and not (isinstance(check_every_n_steps, int) and check_every_n_steps >= 1):
-            raise ConfigError(f"callbacks.divergence.check_every_n_steps must be a positive integer or null, got {check_every_n_steps!r}")
+        if check_every_n_steps is not None:
+            require_number("callbacks.divergence.check_every_n_steps", check_every_n_steps, positive=True,
+                           integer=True, hint="or null for trainer.log_every_n_steps")
         self.check_every_n_steps, self.monitor = check_every_n_steps, monitor
 
     def _raise(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
@@ -215,7 +222,7 @@ class DivergenceGuard(L.Callback):
         hints = [f"lower the learning rate (model.optimizer.lr={lr:g} now)" if lr is not None else "lower the learning rate"]
         if isinstance(tau, torch.Tensor):
             hints.append(f"raise the temperature's floor (callbacks.temperature.tau_min; tau={float(tau):g} now)")
-        best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        best = getattr(best_checkpoint(trainer), "best_model_score", None)
         metrics = {self.monitor: float(best)} if best is not None else {}
         raise TrainingDiverged(
             f"training diverged at step {trainer.global_step}: {what}. Try again and "
@@ -254,10 +261,7 @@ class LatestCheckpoint(ModelCheckpoint):
     many steps back. It keeps no other checkpoint."""
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 1000):
-        if not (isinstance(every_n_train_steps, int) and every_n_train_steps >= 1):
-            raise ConfigError(
-                f"callbacks.latest.every_n_train_steps must be a positive integer, got {every_n_train_steps!r}"
-            )
+        require_number("callbacks.latest.every_n_train_steps", every_n_train_steps, positive=True, integer=True)
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

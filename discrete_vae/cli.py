@@ -25,7 +25,7 @@ def normalize_overrides(argv: Sequence[str], path_keys: Sequence[str] = ()) -> l
     return out
 
 
-FIRST_KEYS = ("estimator", "seed")  # what tells the runs of a typical sweep apart
+FIRST_KEYS = ("estimator", "seed")  # what tells the runs of a typical sweep apart (the estimator bare)
 
 
 def run_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
@@ -38,8 +38,7 @@ def run_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
         key, _, value = str(item).lstrip("~+").partition("=")
         if key not in exclude:
             pairs[key] = value
-    head = [pairs.pop("estimator")] if "estimator" in pairs else []
-    head += [f"seed={pairs.pop('seed')}"] if "seed" in pairs else []
+    head = [pairs.pop(k) if k == "estimator" else f"{k}={pairs.pop(k)}" for k in FIRST_KEYS if k in pairs]
     return ",".join(head + [f"{k}={v}" for k, v in sorted(pairs.items())]) or "default"
 
 

@@ -88,7 +88,7 @@ class Batches:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed, self._tracked = int(state["epoch"]), int(state["consumed"]), True
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
     def advance(self, epoch_length: int | float) -> None:
         """One more batch reached the training step; the epoch ends after `epoch_length` of them."""

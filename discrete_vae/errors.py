@@ -5,6 +5,8 @@ Scripts catch `UserError` and print its message instead of a traceback.
 
 import functools
 import logging
+import math
+import numbers
 import sys
 from collections.abc import Callable
 
@@ -35,9 +37,6 @@ def require_number(
 ):
     """`value` if it is a real number (an integer if `integer`) within the bounds, else a ConfigError
     naming `key`. For config values read by our code, so that `lr=fast` fails where it is read."""
-    import math
-    import numbers
-
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
     if not ok_type or not math.isfinite(value):

@@ -254,8 +254,9 @@ class ZGR(Estimator):
     def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         log_p = torch.log_softmax(logits, dim=-1)
+        p = log_p.exp()  # (B, N, K)
         log_p_hard = (log_p * hard).sum(-1, keepdim=True)  # (B, N, 1) log p of the sample
-        surrogate = 0.5 * (log_p.exp() + (hard - log_p.exp()).detach() * log_p_hard)
+        surrogate = 0.5 * (p + (hard - p).detach() * log_p_hard)
         f = cost(sampling.straight_through(hard, surrogate))
         return EstimatorOutput(f, f)
 

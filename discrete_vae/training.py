@@ -23,7 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from discrete_vae.callbacks import ValidateAtLastStep
+from discrete_vae.callbacks import ValidateAtLastStep, best_checkpoint
 from discrete_vae.errors import ConfigError, DataError, TrainingDiverged, find_user_error, require_number
 from discrete_vae.model import CategoricalVAE
 
@@ -50,7 +50,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        # mmap on the CPU: checking a checkpoint before Lightning loads it again reads no tensor twice
+        mmap = torch.device(map_location).type == "cpu"
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as err:  # truncated zip, a text file, a pickle of something else ...
         raise DataError(
             f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err).split('. ')[0][:120]}): "
@@ -311,7 +313,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         raise KeyboardInterrupt
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = getattr(best_checkpoint(trainer), "best_model_path", "")
     metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
     if cfg.get("test", True):
         if not best:

@@ -56,7 +56,7 @@ def time_fit(cfg, output_dir: Path, epochs: int) -> tuple[float, int]:
     return time.perf_counter() - start, trainer.global_step * cfg.data.batch_size
 
 
-def plain_epoch_loop(model, train, val, batch_size, epochs, optimizer, batches) -> None:
+def plain_epoch_loop(model, train, val, epochs, optimizer, batches) -> None:
     for _ in range(epochs):
         model.train()
         for x in batches(train):
@@ -80,7 +80,7 @@ def time_plain(cfg, device, splits, epochs: int) -> tuple[float, int]:
         for start in range(0, len(data), B):
             yield data[order[start : start + B]].float()
 
-    return _timed(lambda: plain_epoch_loop(model, train, val, B, epochs, optimizer, batches), device), epochs * len(train)
+    return _timed(lambda: plain_epoch_loop(model, train, val, epochs, optimizer, batches), device), epochs * len(train)
 
 
 def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
@@ -101,7 +101,7 @@ def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
     loader = DataLoader(Images(train), batch_size=cfg.data.batch_size, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.optimizer.lr)
     batches = lambda _: (x.to(device) for x in loader)  # noqa: E731
-    return _timed(lambda: plain_epoch_loop(model, train, val, cfg.data.batch_size, epochs, optimizer, batches), device), epochs * len(train)
+    return _timed(lambda: plain_epoch_loop(model, train, val, epochs, optimizer, batches), device), epochs * len(train)
 
 
 def _timed(fn, device) -> float:

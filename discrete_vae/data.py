@@ -249,6 +249,10 @@ class _TensorDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.splits = {name: t.to(device) for name, t in self.load_splits().items()}
 
+    def train_images(self) -> Tensor:
+        """The whole training split (every rank the same), e.g. for its mean image.  # (rows, D)"""
+        return self.load_splits()["train"]
+
     def _shard(self) -> dict:
         """This process's rank and the world size (DDP), from the trainer."""
         if self.trainer is None:

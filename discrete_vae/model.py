@@ -31,6 +31,8 @@ from discrete_vae.networks import Decoder, Encoder
 
 
 EVAL_SEED = 0  # the seed of the noise of every validation and test pass (with the batch's index)
+OUTPUT_BIAS_INITS = ("data_mean", "default")
+MEAN_CLAMP = 1e-3  # the training mean pixel is clamped to [1e-3, 1 - 1e-3] before its logit (as Burda et al.)
 
 
 def check_optimizer(optimizer: Callable | None) -> None:
@@ -78,6 +80,7 @@ class CategoricalVAE(L.LightningModule):
         num_images: int = 8,
         test_iwae_samples: int = 50,
         seed: int = 0,
+        output_bias_init: str = "data_mean",
     ):
         super().__init__()
         if num_latents < 1 or num_categories < 2:
@@ -90,6 +93,10 @@ class CategoricalVAE(L.LightningModule):
                 f"model.test_iwae_samples must be a non-negative integer (0 turns test/nll_iwae off), "
                 f"got {test_iwae_samples}"
             )
+        if output_bias_init not in OUTPUT_BIAS_INITS:
+            raise ConfigError(
+                f"model.output_bias_init={output_bias_init!r} is not one of {', '.join(OUTPUT_BIAS_INITS)}"
+            )
         estimator.check(num_latents, num_categories)
         check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["estimator", "optimizer"])
@@ -101,6 +108,8 @@ class CategoricalVAE(L.LightningModule):
         self.test_iwae_samples = int(test_iwae_samples)
         self._image_batch: Tensor | None = None
         self.seed = int(require_number("seed", seed, integer=True))
+        self.output_bias_init = output_bias_init
+        self.output_bias_pending = output_bias_init == "data_mean"  # done once, before the first fit
 
     # -- the model ---------------------------------------------------------------------------
     def cost(self, z: Tensor, x: Tensor) -> Tensor:
@@ -131,7 +140,47 @@ class CategoricalVAE(L.LightningModule):
         z = sampling.gumbel_max(logits, generator=generator)
         return self.cost(z, x) + kl_to_uniform(logits)
 
+    @torch.no_grad()
+    def init_output_bias(self, train_images: Tensor) -> None:
+        """Set the decoder's output bias to the logit of the training split's mean pixel.  # (rows, D)
+
+        With the weights near zero at initialisation, the decoder then starts at the mean image
+        (about 206 nats per binarized MNIST image) instead of p = 1/2 everywhere (543 nats). This
+        is the initialisation of Burda, Grosse & Salakhutdinov (2016, IWAE; their code sets the
+        Bernoulli layer's bias to -log(1/clip(mean, 0.001, 0.999) - 1): yburda/iwae, iwae.py and
+        datasets.py). Here it prevents a failure seen without it on small latent
+        spaces (N=2, K=10): while the decoder learns the mean image, the relaxed estimators
+        report cost differences between categories far larger than the true ones, the encoder's
+        logits saturate within some 20 steps and every image keeps one code.
+        """
+        mean = train_images.float().mean(0).clamp(MEAN_CLAMP, 1 - MEAN_CLAMP)  # (D,)
+        last = self.decoder.net[-1]
+        if mean.shape != last.bias.shape:
+            raise ConfigError(
+                f"the training images have {mean.numel()} pixels but model.input_dim={last.bias.numel()}"
+            )
+        last.bias.copy_(torch.logit(mean).to(last.bias))
+        self.output_bias_pending = False
+
     # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Before the first fit of a fresh model: the output bias from the training split
+        (model.output_bias_init=data_mean). A resumed fit then restores the checkpoint's weights
+        over it (Lightning restores after `setup`)."""
+        if stage != "fit" or not self.output_bias_pending:
+            return
+        train_images = getattr(self.trainer.datamodule, "train_images", None)
+        if train_images is None:
+            raise ConfigError(
+                "model.output_bias_init=data_mean needs the training images from the datamodule "
+                "(a train_images() method, as discrete_vae.data's datamodules have); "
+                "set model.output_bias_init=default to keep PyTorch's initialisation"
+            )
+        self.init_output_bias(train_images())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.output_bias_pending = False  # the weights are trained ones
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self._estimate(batch)
         if self._trainer is not None and logs_this_step(self.trainer):

@@ -70,6 +70,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     cfg = OmegaConf.create(checkpoint["config"])
     model = build_model(cfg)
     model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)  # trained weights: a later fit keeps its output bias
     return model, cfg
 
 

@@ -41,7 +41,9 @@ def load_model(cfg: DictConfig, device: torch.device):
     else:
         torch.manual_seed(cfg.seed)
         model = instantiate(cfg.model, estimator=RLOO())  # the model's own estimator is not used
-        weights = f"fresh initialisation (seed {cfg.seed})"
+        if model.output_bias_pending:  # as training starts: the output bias from the training split
+            model.init_output_bias(instantiate(cfg.data).train_images())
+        weights = f"fresh initialisation (seed {cfg.seed}, output bias {model.output_bias_init})"
     return model.to(device), weights
 
 

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -196,6 +198,8 @@ def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any)
         "seed": cfg.get("seed"),
         "wall_time_s": round(time.perf_counter() - start, 2),
         **fields,
+        "machine": machine(cfg),
+        "commit": source_commit(),
     })
     if _rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +207,30 @@ def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any)
         tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
         os.replace(tmp, output_dir / "metrics.json")
     return record
+
+
+def machine(cfg: DictConfig | None = None) -> dict[str, Any]:
+    """What the run ran on, for the record: CPU model, the GPU if it trained on one, torch threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} logical cores)" if names else cpu
+    except OSError:
+        pass
+    accelerator = str(cfg.get("trainer", {}).get("accelerator", "auto")) if cfg is not None else "auto"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and accelerator != "cpu" else None
+    return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def source_commit() -> str | None:
+    """`git describe --always --dirty` of the checkout this package runs from, or None."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _rank() -> int:

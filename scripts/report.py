@@ -1,323 +1,67 @@
-"""Summarise a Hydra multirun of scripts/train.py: a table, a CSV and plots, written into it.
+"""Tables and plots of training runs (the logic is discrete_vae/report.py).
 
-    python scripts/report.py multirun/jang2017_cpu
+    python scripts/report.py multirun/jang2017_cpu           # report.md, .csv, plots, into the sweep
+    python scripts/report.py export multirun/jang2017_cpu docs/results/jang2017
+    python scripts/report.py results                         # docs/results.md from docs/results/
 
-Every job folder of the sweep (one holding .hydra/ or metrics.json) is one run. A run
-is "finished" when its metrics.json says so, "failed" when metrics.json records the
-error (discrete_vae.training.train writes it), "diverged" when its loss stopped being finite
-(the DivergenceGuard callback stopped it), and "unfinished" when there is no
-metrics.json (killed, or still running); failed and unfinished runs are listed, never
-silently dropped (nor diverged ones). Runs are grouped into configurations by their overrides minus the
-seed (and minus budgets and paths that do not name a run, and overrides every run
-shares), so a sweep over estimator=... and seed=... gives one row per estimator.
-
-Written into the multirun directory:
-- report.md: one row per configuration, mean ± standard deviation over seeds (sample
-  s.d., n - 1) of val/neg_elbo, test/neg_elbo, test/nll_iwae, the number of seeds, steps,
-  wall time, and how much val/neg_elbo still fell over the last 20% of the steps; then
-  every run, and the runs that failed or did not finish;
-- report.csv: the same per-configuration numbers, machine-readable;
-- val_neg_elbo.png: validation negative ELBO against training step per configuration,
-  mean over seeds with a band of ± 1 s.d.;
-- test_nll.png: final test negative ELBO and importance-weighted NLL per configuration.
-Curves are read from the TensorBoard event files in each run folder.
+`export` copies each finished run's compact record (metrics.json with the evaluation of its
+best checkpoint, val_curve.csv); `results` rebuilds docs/results.md's tables and plots from
+those records alone.
 """
 
-from __future__ import annotations
-
 import argparse
-import csv
 import json
-import math
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from discrete_vae import report
+from discrete_vae.errors import UserError
 
-# Overrides that never name a configuration: the seed and Hydra's own settings, plus the
-# keys each run's Hydra config excludes from its directory name (read from .hydra/hydra.yaml:
-# hydra.job.config.override_dirname.exclude_keys, set in conf/train.yaml).
-ALWAYS_IGNORED = {"seed"}
-METRICS = ("val/neg_elbo", "test/neg_elbo", "test/nll_iwae")
-CURVE_TAG = "val/neg_elbo"
-LAST_FRACTION = 0.2  # "still falling": the val/neg_elbo drop over the last 20% of the steps
-UNFINISHED = "no metrics.json: killed, crashed hard, or still running"
+REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class Run:
-    path: Path
-    overrides: list[str]
-    status: str  # finished | failed | diverged | unfinished
-    record: dict = field(default_factory=dict)
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/neg_elbo)
-    config: str = ""
-    ignored_keys: set[str] = field(default_factory=lambda: set(ALWAYS_IGNORED))
-
-    @property
-    def seed(self):
-        for item in self.overrides:
-            if item.startswith("seed="):
-                return item.split("=", 1)[1]
-        return self.record.get("seed")
-
-    @property
-    def estimator(self) -> str:
-        for item in self.overrides:
-            if item.startswith("estimator="):
-                return item.split("=", 1)[1]
-        return self.record.get("estimator") or "(default)"
-
-    def metric(self, name: str) -> float | None:
-        value = self.record.get("metrics", {}).get(name)
-        return None if value is None or not math.isfinite(value) else float(value)
-
-    def last_drop(self) -> float | None:
-        """val/neg_elbo at the last evaluation at or before 80% of the steps, minus the final one."""
-        if len(self.curve) < 2:
-            return None
-        threshold = (1 - LAST_FRACTION) * self.curve[-1][0]
-        before = [v for s, v in self.curve if s <= threshold] or [self.curve[0][1]]
-        return before[-1] - self.curve[-1][1]
-
-
-def where(run: Run, root: Path) -> str:
-    return "." if run.path == root else str(run.path.relative_to(root))
-
-
-def find_runs(root: Path) -> list[Run]:
-    folders = {p.parent for p in root.rglob("metrics.json")}
-    folders |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
-    runs = []
-    for folder in sorted(folders):
-        record = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-        overrides_file = folder / ".hydra" / "overrides.yaml"
-        if overrides_file.is_file():
-            overrides = yaml.safe_load(overrides_file.read_text())
-        else:
-            overrides = record.get("overrides", [])
-        status = record.get("status", "unfinished") if record else "unfinished"
-        runs.append(Run(folder, [str(o) for o in overrides or []], status, record, read_curve(folder), "",
-                        ALWAYS_IGNORED | excluded_keys(folder)))
-    return runs
-
-
-def excluded_keys(folder: Path) -> set[str]:
-    """The keys the run's Hydra config leaves out of its directory name (budgets, paths)."""
-    hydra_file = folder / ".hydra" / "hydra.yaml"
-    if not hydra_file.is_file():
-        return set()
-    hydra_cfg = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
-    keys = hydra_cfg.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys") or []
-    return set(map(str, keys))
-
-
-def read_curve(folder: Path) -> list[tuple[int, float]]:
-    """(step, value) of CURVE_TAG from the event files directly in `folder`, by step."""
-    if not any(folder.glob("events.out.tfevents.*")):
-        return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    if CURVE_TAG not in accumulator.Tags().get("scalars", []):
-        return []
-    by_step = {e.step: e.value for e in accumulator.Scalars(CURVE_TAG)}  # a resumed run: the latest wins
-    return sorted(by_step.items())
-
-
-def name_configs(runs: list[Run]) -> None:
-    """config = the run's overrides minus the seed, budgets and paths, and minus the overrides
-    that every finished run shares (a failed run started by hand may lack some of those)."""
-
-    def key(item: str) -> str:
-        return item.split("=", 1)[0].lstrip("+~")
-
-    kept = [[o for o in run.overrides if key(o) not in run.ignored_keys and not key(o).startswith("hydra.")]
-            for run in runs]
-    reference = [k for run, k in zip(runs, kept) if run.status == "finished"] or kept
-    shared = set.intersection(*(set(k) for k in reference)) if reference else set()
-    for run, items in zip(runs, kept):
-        distinct = [o for o in items if o not in shared]
-        if len(distinct) == 1 and distinct[0].startswith("estimator="):
-            run.config = run.estimator
-        else:
-            run.config = ",".join(sorted(distinct)) or "all"
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def summarise(runs: list[Run]) -> list[dict]:
-    rows = []
-    for config in sorted({r.config for r in runs}):
-        group = [r for r in runs if r.config == config]
-        done = [r for r in group if r.status == "finished"]
-        row = {
-            "config": config,
-            "estimator": ",".join(sorted({r.estimator for r in group})),
-            "n_seeds": len(done),
-            "seeds": " ".join(str(r.seed) for r in sorted(done, key=lambda r: str(r.seed))),
-            "n_failed": sum(r.status == "failed" for r in group),
-            "n_diverged": sum(r.status == "diverged" for r in group),
-            "n_unfinished": sum(r.status == "unfinished" for r in group),
-        }
-        for name in METRICS:
-            row[f"{name}_mean"], row[f"{name}_std"] = mean_std([v for r in done if (v := r.metric(name)) is not None])
-        row["steps_mean"], _ = mean_std([r.record["steps"] for r in done if r.record.get("steps") is not None])
-        wall, _ = mean_std([r.record["wall_time_s"] / 60 for r in done if r.record.get("wall_time_s") is not None])
-        row["wall_time_min_mean"] = wall
-        row["val_drop_last20_mean"], row["val_drop_last20_std"] = mean_std(
-            [d for r in done if (d := r.last_drop()) is not None]
-        )
-        rows.append(row)
-    best_first = lambda row: (row["test/neg_elbo_mean"] is None, row["test/neg_elbo_mean"] or 0.0)  # noqa: E731
-    return sorted(rows, key=best_first)
-
-
-def fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], title: str) -> None:
-    lines = [
-        f"# Sweep report: `{title}`",
-        "",
-        f"{len(runs)} runs: {sum(r.status == 'finished' for r in runs)} finished, "
-        f"{sum(r.status == 'failed' for r in runs)} failed, {sum(r.status == 'diverged' for r in runs)} diverged, "
-        f"{sum(r.status == 'unfinished' for r in runs)} "
-        f"did not finish. Nats per image, mean ± s.d. over seeds (n - 1); lower is better. "
-        f"`val drop, last 20%`: how much val/neg_elbo still fell over the last 20% of the steps.",
-        "",
-        "| configuration | seeds | val/neg_elbo | test/neg_elbo | test/nll_iwae | steps | wall time (min) "
-        "| val drop, last 20% | failed | diverged | unfinished |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['config']} | {row['n_seeds']} | "
-            + " | ".join(fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS)
-            + f" | {fmt(row['steps_mean'], digits=0)} | {fmt(row['wall_time_min_mean'], digits=1)} | "
-            f"{fmt(row['val_drop_last20_mean'], row['val_drop_last20_std'])} | {row['n_failed']} | {row['n_diverged']} | {row['n_unfinished']} |"
-        )
-    lines += ["", "## Every run", "", "| run | configuration | seed | status | steps | val/neg_elbo | test/neg_elbo "
-              "| test/nll_iwae | wall time (min) |", "| --- | --- | --: | --- | --: | --: | --: | --: | --: |"]  # fmt: skip
-    for run in sorted(runs, key=lambda r: (r.config, str(r.seed))):
-        wall = run.record.get("wall_time_s")
-        lines.append(
-            f"| `{where(run, root)}` | {run.config} | {run.seed} | {run.status} "
-            f"| {run.record.get('steps', '—')} | " + " | ".join(fmt(run.metric(m)) for m in METRICS)
-            + f" | {fmt(None if wall is None else wall / 60, digits=1)} |"
-        )
-    problems = [r for r in runs if r.status != "finished"]
-    lines += ["", "## Runs that failed, diverged or did not finish", ""]
-    if not problems:
-        lines.append("None.")
-    for run in problems:
-        why = run.record.get("error") if run.status in ("failed", "diverged") else UNFINISHED
-        last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
-        lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
-
-
-def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    tops = []
-    for row in rows:
-        curves = [dict(r.curve) for r in runs if r.config == row["config"] and r.status == "finished" and r.curve]
-        if not curves:
-            continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        values = np.array([[c[s] for s in steps] for c in curves])  # (seeds, steps)
-        mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
-        (line,) = ax.plot(steps, mean, label=f"{row['config']} (n={len(curves)})", lw=1.5)
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
-        tops.append(mean[min(len(mean) - 1, max(1, len(mean) // 10))])
-    if tops:
-        bottom = min(line.get_ydata().min() for line in ax.get_lines())
-        ax.set_ylim(bottom - 2, max(tops) + 2)  # the first evaluations would squash the rest
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation negative ELBO (nats)")
-    ax.set_title("val/neg_elbo: mean over seeds, band ± 1 s.d.")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [row for row in rows if row["n_seeds"] > 0]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6), dpi=100)
-    for offset, metric, colour in ((-0.15, "test/neg_elbo", "tab:blue"), (0.15, "test/nll_iwae", "tab:orange")):
-        for i, row in enumerate(rows):
-            values = [v for r in runs if r.config == row["config"] and (v := r.metric(metric)) is not None]
-            if not values:
-                continue
-            ax.scatter(values, [i + offset] * len(values), s=12, color=colour, alpha=0.5)
-            ax.errorbar(row[f"{metric}_mean"], i + offset, xerr=row[f"{metric}_std"] or 0, fmt="o", color=colour,
-                        capsize=3, label=metric if i == 0 else None)  # fmt: skip
-    ax.set_yticks(range(len(rows)), [row["config"] for row in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("nats per test image (lower is better)")
-    ax.set_title("final test NLL bounds: mean ± 1 s.d. over seeds, dots = seeds")
-    ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def report(root: Path, title: str | None = None) -> list[dict]:
-    """Write report.md, report.csv and the two plots into `root`; return the per-configuration rows."""
-    if not root.is_dir():
-        raise SystemExit(f"error: {root} is not a directory; pass the multirun directory of a sweep")
-    runs = find_runs(root)
-    if not runs:
-        raise SystemExit(f"error: no runs under {root}: expected job folders holding .hydra/ or metrics.json")
-    name_configs(runs)
-    rows = summarise(runs)
-    write_markdown(root / "report.md", root, runs, rows, title or str(root))
-    write_csv(root / "report.csv", rows)
-    plot_curves(root / "val_neg_elbo.png", runs, rows)
-    plot_test(root / "test_nll.png", runs, rows)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in ("export", "results", "sweep", "-h", "--help"):
+        argv = ["sweep", *argv]  # the sweep report is the default
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("multirun_dir", type=Path, help="a Hydra multirun directory of scripts/train.py")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser("sweep", help="summarise a multirun folder into it (the default)")
+    sweep.add_argument("multirun_dir", type=Path, help="a Hydra multirun directory of scripts/train.py")
+    export = commands.add_parser("export", help="copy each finished run's compact record")
+    export.add_argument("multirun_dir", type=Path)
+    export.add_argument("records_dir", type=Path, help="e.g. docs/results/jang2017")
+    export.add_argument("--machine", help="for records that lack it: the machine the runs ran on")
+    export.add_argument("--commit", help="for records that lack it: the commit the runs ran")
+    results = commands.add_parser("results", help="rebuild docs/results.md from docs/results/")
+    results.add_argument("records_root", type=Path, nargs="?", default=REPO / "docs" / "results")
+    results.add_argument("--markdown", type=Path, default=REPO / "docs" / "results.md")
     args = parser.parse_args(argv)
-    root = args.multirun_dir.resolve()
-    report(root, title=str(args.multirun_dir))
-    print((root / "report.md").read_text())
-    names = ("report.md", "report.csv", "val_neg_elbo.png", "test_nll.png")
-    print("written:", ", ".join(str(root / name) for name in names))
+    try:
+        run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "sweep":
+        root = args.multirun_dir.resolve()
+        report.report(root, title=str(args.multirun_dir))
+        print((root / "report.md").read_text())
+        names = ("report.md", "report.csv", "val_neg_elbo.png", "test_nll.png")
+        print("written:", ", ".join(str(root / name) for name in names))
+    elif args.command == "export":
+        if not args.multirun_dir.is_dir():
+            raise report.DataError(f"{args.multirun_dir} is not a directory; pass the multirun directory of a sweep")
+        extra = {key: value for key in ("machine", "commit") if (value := getattr(args, key))}
+        written = report.export(args.multirun_dir.resolve(), args.records_dir, extra)
+        print(f"{len(written)} records written under {args.records_dir}")
+    else:
+        summary = report.results(args.records_root, args.markdown)
+        print(json.dumps({name: len(rows) for name, rows in summary.items()}), "configurations;",
+              f"{args.markdown} and the plots under {args.records_root} rebuilt")
 
 
 if __name__ == "__main__":

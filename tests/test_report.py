@@ -105,3 +105,62 @@ def test_failed_training_run_writes_metrics_json_that_report_lists(tmp_path, dat
     report = _run(REPORT, tmp_path / "sweep", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "**failed**" in (tmp_path / "sweep" / "report.md").read_text()
+
+
+def test_export_writes_compact_records_without_machine_paths(sweep, tmp_path):
+    gumbel1 = sweep / "estimator=gumbel,seed=1"
+    record = json.loads((gumbel1 / "metrics.json").read_text())
+    best = gumbel1 / "checkpoints" / "best-step999.ckpt"
+    best.parent.mkdir()
+    record["best_checkpoint"] = str(best)
+    (gumbel1 / "metrics.json").write_text(json.dumps(record))
+    evaluation = {"checkpoint": str(best), "split": "test", "num_samples": 1000, "wall_time_s": 30.0,
+                  "metrics": {"neg_elbo": 104.0, "nll_iwae": 99.5, "nll_exact": None}}
+    (best.parent / "best-step999_eval_test.json").write_text(json.dumps(evaluation))
+
+    records = tmp_path / "docs" / "results" / "jang2017"
+    result = _run(REPORT, "export", sweep, records, "--machine", "test machine", "--commit", "abc1234", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.name for p in records.iterdir())
+    assert folders == [f"estimator={e},seed={s}" for e in ("gumbel", "sf") for s in (1, 2, 3)]  # finished only
+    for folder in records.iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "val_curve.csv"]
+        for file in folder.iterdir():
+            assert str(tmp_path) not in file.read_text() and file.stat().st_size < 5_000
+    exported = json.loads((records / "estimator=gumbel,seed=1" / "metrics.json").read_text())
+    assert exported["evaluation"]["metrics"]["nll_iwae"] == 99.5
+    assert exported["evaluation"]["checkpoint"] == exported["best_checkpoint_name"] == "best-step999.ckpt"
+    assert (exported["machine"], exported["commit"]) == ("test machine", "abc1234")
+    curve = (records / "estimator=gumbel,seed=1" / "val_curve.csv").read_text().splitlines()
+    assert curve[0] == "step,val/neg_elbo" and curve[1] == "99,201.0000" and len(curve) == 11
+
+
+def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
+    records = tmp_path / "docs" / "results" / "jang2017"
+    assert _run(REPORT, "export", sweep, records, cwd=tmp_path).returncode == 0
+    for run in sweep.glob("estimator=*"):  # nothing of the sweep is left: only the records
+        for file in sorted(run.rglob("*"), reverse=True):
+            file.unlink() if file.is_file() else file.rmdir()
+    markdown = tmp_path / "docs" / "results.md"
+    markdown.write_text("# Results\n\nprose before\n<!-- report:jang2017-table -->\nold table\n"
+                        "<!-- /report:jang2017-table -->\nprose after\n<!-- report:jang2017-provenance -->\n"
+                        "<!-- /report:jang2017-provenance -->\n")  # fmt: skip
+    result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", markdown, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = markdown.read_text()
+    assert "old table" not in text and "prose before" in text and "prose after" in text
+    gumbel = next(line for line in text.splitlines() if line.startswith("| gumbel |"))
+    cells = [c.strip() for c in gumbel.strip("|").split("|")]
+    assert cells[1] == "3" and cells[2] == "107.00 ± 2.65" and cells[3] == "102.00 ± 2.65"  # test −ELBO, IWAE
+    assert cells[-1] == "101.5 (Gumbel-S.)"  # the paper's Table 1 beside it
+    sf = next(line for line in text.splitlines() if line.startswith("| sf |"))
+    assert sf.rstrip(" |").endswith("110.6 (SF)")
+    assert "6 runs, 0.2 h of training" in text
+    for name in ("jang2017_val_neg_elbo.png", "jang2017_test_nll.png"):
+        png = (tmp_path / "docs" / "results" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_refuses_a_missing_records_folder(tmp_path):
+    result = _run(REPORT, "results", tmp_path / "nowhere", "--markdown", tmp_path / "r.md", cwd=tmp_path)
+    assert result.returncode == 1 and "not a directory of run records" in result.stderr

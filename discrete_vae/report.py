@@ -1,0 +1,506 @@
+"""Tables and plots of training runs, from a sweep folder or from the committed run records.
+
+Three uses, one code path (scripts/report.py is the command line):
+
+- `report(sweep_dir)`: a Hydra multirun of scripts/train.py summarised into it (report.md,
+  report.csv, val_neg_elbo.png, test_nll.png);
+- `export(sweep_dir, records_dir)`: each finished (or diverged) run's compact record, a few KB:
+  `metrics.json` (with the scripts/evaluate.py result of its best checkpoint, when there is one)
+  and `val_curve.csv`, with no machine-specific paths, no checkpoints and no event files;
+- `results(records_root, markdown)`: the tables and plots of docs/results.md rebuilt from
+  the records alone (docs/results/<experiment>/<run>/), so that a sweep can be spread over
+  machines and days and anyone can regenerate the page from the repository.
+
+Every job folder (one holding .hydra/ or metrics.json) is one run. A run is "finished" when
+its metrics.json says so, "failed" when metrics.json records the error
+(discrete_vae.training.train writes it), "diverged" when its loss stopped being finite
+(the DivergenceGuard callback stopped it), and "unfinished" when there is no metrics.json
+(killed, or still running); failed and unfinished runs are listed, never silently dropped
+(nor diverged ones). Runs are grouped into configurations by their overrides minus the seed
+(and minus budgets and paths that do not name a run, and overrides every run shares), so a
+sweep over estimator=... and seed=... gives one row per estimator.
+
+The sweep report (report.md) has one row per configuration, mean ± standard deviation over
+seeds (sample s.d., n - 1) of val/neg_elbo, test/neg_elbo, test/nll_iwae, the number of seeds,
+steps, wall time, and how much val/neg_elbo still fell over the last 20% of the steps; then
+every run, and the runs that failed or did not finish. Curves come from a run's val_curve.csv
+(records) or else its TensorBoard event files (sweep folders).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from discrete_vae.errors import DataError
+
+# Overrides that never name a configuration: the seed and Hydra's own settings, plus the
+# keys each run's Hydra config excludes from its directory name (read from .hydra/hydra.yaml:
+# hydra.job.config.override_dirname.exclude_keys, set in conf/train.yaml).
+ALWAYS_IGNORED = {"seed"}
+METRICS = ("val/neg_elbo", "test/neg_elbo", "test/nll_iwae")
+# scripts/evaluate.py on the best checkpoint (m samples per test image), when a run has one
+EVAL_METRICS = ("eval/neg_elbo", "eval/nll_iwae", "eval/nll_exact")
+CURVE_TAG = "val/neg_elbo"
+CURVE_FILE = "val_curve.csv"  # step,val/neg_elbo: a record's validation curve
+EVAL_SUFFIX = "_eval_test.json"  # scripts/evaluate.py's default output name, beside the checkpoint
+LAST_FRACTION = 0.2  # "still falling": the val/neg_elbo drop over the last 20% of the steps
+UNFINISHED = "no metrics.json: killed, crashed hard, or still running"
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: list[str]
+    status: str  # finished | failed | diverged | unfinished
+    record: dict = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/neg_elbo)
+    config: str = ""
+    ignored_keys: set[str] = field(default_factory=lambda: set(ALWAYS_IGNORED))
+
+    @property
+    def seed(self):
+        for item in self.overrides:
+            if item.startswith("seed="):
+                return item.split("=", 1)[1]
+        return self.record.get("seed")
+
+    @property
+    def estimator(self) -> str:
+        for item in self.overrides:
+            if item.startswith("estimator="):
+                return item.split("=", 1)[1]
+        return self.record.get("estimator") or "(default)"
+
+    @property
+    def evaluation(self) -> dict:
+        """scripts/evaluate.py's record of the best checkpoint on the test split ({} when none)."""
+        return self.record.get("evaluation") or {}
+
+    def metric(self, name: str) -> float | None:
+        if name.startswith("eval/"):
+            value = self.evaluation.get("metrics", {}).get(name[len("eval/"):])
+        else:
+            value = self.record.get("metrics", {}).get(name)
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    def last_drop(self) -> float | None:
+        """val/neg_elbo at the last evaluation at or before 80% of the steps, minus the final one."""
+        if len(self.curve) < 2:
+            return None
+        threshold = (1 - LAST_FRACTION) * self.curve[-1][0]
+        before = [v for s, v in self.curve if s <= threshold] or [self.curve[0][1]]
+        return before[-1] - self.curve[-1][1]
+
+
+def where(run: Run, root: Path) -> str:
+    return "." if run.path == root else str(run.path.relative_to(root))
+
+
+def find_runs(root: Path) -> list[Run]:
+    folders = {p.parent for p in root.rglob("metrics.json")}
+    folders |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    runs = []
+    for folder in sorted(folders):
+        record = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        overrides_file = folder / ".hydra" / "overrides.yaml"
+        if overrides_file.is_file():
+            overrides = yaml.safe_load(overrides_file.read_text())
+        else:
+            overrides = record.get("overrides", [])
+        status = record.get("status", "unfinished") if record else "unfinished"
+        if record and "evaluation" not in record and (evaluation := read_evaluation(folder, record)):
+            record["evaluation"] = evaluation
+        runs.append(Run(folder, [str(o) for o in overrides or []], status, record, read_curve(folder), "",
+                        ALWAYS_IGNORED | excluded_keys(folder)))
+    return runs
+
+
+def excluded_keys(folder: Path) -> set[str]:
+    """The keys the run's Hydra config leaves out of its directory name (budgets, paths)."""
+    hydra_file = folder / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return set()
+    hydra_cfg = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
+    keys = hydra_cfg.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys") or []
+    return set(map(str, keys))
+
+
+def read_evaluation(folder: Path, record: dict) -> dict | None:
+    """scripts/evaluate.py's JSON for the run's best checkpoint (written beside it), if any."""
+    best = record.get("best_checkpoint")
+    if not best:
+        return None
+    path = folder / "checkpoints" / (Path(best).stem + EVAL_SUFFIX)
+    if not path.is_file():
+        return None
+    evaluation = json.loads(path.read_text())
+    evaluation["checkpoint"] = Path(evaluation.get("checkpoint", best)).name  # no machine's path
+    return evaluation
+
+
+def read_curve(folder: Path) -> list[tuple[int, float]]:
+    """(step, value) of CURVE_TAG: from the folder's val_curve.csv (a record), else from the
+    event files directly in `folder` (a sweep's run), by step."""
+    if (folder / CURVE_FILE).is_file():
+        with (folder / CURVE_FILE).open() as f:
+            return [(int(row["step"]), float(row[CURVE_TAG])) for row in csv.DictReader(f)]
+    if not any(folder.glob("events.out.tfevents.*")):
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if CURVE_TAG not in accumulator.Tags().get("scalars", []):
+        return []
+    by_step = {e.step: e.value for e in accumulator.Scalars(CURVE_TAG)}  # a resumed run: the latest wins
+    return sorted(by_step.items())
+
+
+def name_configs(runs: list[Run]) -> None:
+    """config = the run's overrides minus the seed, budgets and paths, and minus the overrides
+    that every finished run shares (a failed run started by hand may lack some of those)."""
+
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~")
+
+    kept = [[o for o in run.overrides if key(o) not in run.ignored_keys and not key(o).startswith("hydra.")]
+            for run in runs]
+    reference = [k for run, k in zip(runs, kept) if run.status == "finished"] or kept
+    shared = set.intersection(*(set(k) for k in reference)) if reference else set()
+    for run, items in zip(runs, kept):
+        distinct = [o for o in items if o not in shared]
+        if len(distinct) == 1 and distinct[0].startswith("estimator="):
+            run.config = run.estimator
+        else:
+            run.config = ",".join(sorted(distinct)) or "all"
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(runs: list[Run]) -> list[dict]:
+    rows = []
+    for config in sorted({r.config for r in runs}):
+        group = [r for r in runs if r.config == config]
+        done = [r for r in group if r.status == "finished"]
+        row = {
+            "config": config,
+            "estimator": ",".join(sorted({r.estimator for r in group})),
+            "n_seeds": len(done),
+            "seeds": " ".join(str(r.seed) for r in sorted(done, key=lambda r: str(r.seed))),
+            "n_failed": sum(r.status == "failed" for r in group),
+            "n_diverged": sum(r.status == "diverged" for r in group),
+            "n_unfinished": sum(r.status == "unfinished" for r in group),
+        }
+        for name in METRICS:
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std([v for r in done if (v := r.metric(name)) is not None])
+        row["steps_mean"], _ = mean_std([r.record["steps"] for r in done if r.record.get("steps") is not None])
+        wall, _ = mean_std([r.record["wall_time_s"] / 60 for r in done if r.record.get("wall_time_s") is not None])
+        row["wall_time_min_mean"] = wall
+        row["val_drop_last20_mean"], row["val_drop_last20_std"] = mean_std(
+            [d for r in done if (d := r.last_drop()) is not None]
+        )
+        rows.append(row)
+    best_first = lambda row: (row["test/neg_elbo_mean"] is None, row["test/neg_elbo_mean"] or 0.0)  # noqa: E731
+    return sorted(rows, key=best_first)
+
+
+def fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], title: str) -> None:
+    lines = [
+        f"# Sweep report: `{title}`",
+        "",
+        f"{len(runs)} runs: {sum(r.status == 'finished' for r in runs)} finished, "
+        f"{sum(r.status == 'failed' for r in runs)} failed, {sum(r.status == 'diverged' for r in runs)} diverged, "
+        f"{sum(r.status == 'unfinished' for r in runs)} "
+        f"did not finish. Nats per image, mean ± s.d. over seeds (n - 1); lower is better. "
+        f"`val drop, last 20%`: how much val/neg_elbo still fell over the last 20% of the steps.",
+        "",
+        "| configuration | seeds | val/neg_elbo | test/neg_elbo | test/nll_iwae | steps | wall time (min) "
+        "| val drop, last 20% | failed | diverged | unfinished |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['config']} | {row['n_seeds']} | "
+            + " | ".join(fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS)
+            + f" | {fmt(row['steps_mean'], digits=0)} | {fmt(row['wall_time_min_mean'], digits=1)} | "
+            f"{fmt(row['val_drop_last20_mean'], row['val_drop_last20_std'])} | {row['n_failed']} | {row['n_diverged']} | {row['n_unfinished']} |"
+        )
+    lines += ["", "## Every run", "", "| run | configuration | seed | status | steps | val/neg_elbo | test/neg_elbo "
+              "| test/nll_iwae | wall time (min) |", "| --- | --- | --: | --- | --: | --: | --: | --: | --: |"]  # fmt: skip
+    for run in sorted(runs, key=lambda r: (r.config, str(r.seed))):
+        wall = run.record.get("wall_time_s")
+        lines.append(
+            f"| `{where(run, root)}` | {run.config} | {run.seed} | {run.status} "
+            f"| {run.record.get('steps', '—')} | " + " | ".join(fmt(run.metric(m)) for m in METRICS)
+            + f" | {fmt(None if wall is None else wall / 60, digits=1)} |"
+        )
+    problems = [r for r in runs if r.status != "finished"]
+    lines += ["", "## Runs that failed, diverged or did not finish", ""]
+    if not problems:
+        lines.append("None.")
+    for run in problems:
+        why = run.record.get("error") if run.status in ("failed", "diverged") else UNFINISHED
+        last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
+        lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+
+
+def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    tops = []
+    for row in rows:
+        curves = [dict(r.curve) for r in runs if r.config == row["config"] and r.status == "finished" and r.curve]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])  # (seeds, steps)
+        mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+        (line,) = ax.plot(steps, mean, label=f"{row['config']} (n={len(curves)})", lw=1.5)
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        tops.append(mean[min(len(mean) - 1, max(1, len(mean) // 10))])
+    if tops:
+        bottom = min(line.get_ydata().min() for line in ax.get_lines())
+        ax.set_ylim(bottom - 2, max(tops) + 2)  # the first evaluations would squash the rest
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation negative ELBO (nats)")
+    ax.set_title("val/neg_elbo: mean over seeds, band ± 1 s.d.")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
+    """Final test bounds per configuration, dots = seeds: test/neg_elbo, the IWAE bound (of
+    scripts/evaluate.py where the runs have it, else of trainer.test) and the exact NLL if known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in rows if row["n_seeds"] > 0]
+    has = lambda metric: any(r.metric(metric) is not None for r in runs)  # noqa: E731
+    metrics = ["test/neg_elbo", "eval/nll_iwae" if has("eval/nll_iwae") else "test/nll_iwae"]
+    metrics += ["eval/nll_exact"] if has("eval/nll_exact") else []
+    colours = ("tab:blue", "tab:orange", "tab:green")
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6), dpi=100)
+    for j, (metric, colour) in enumerate(zip(metrics, colours)):
+        offset = 0.25 * (j - (len(metrics) - 1) / 2)
+        for i, row in enumerate(rows):
+            values = [v for r in runs if r.config == row["config"] and r.status == "finished"
+                      and (v := r.metric(metric)) is not None]  # fmt: skip
+            if not values:
+                continue
+            mean, std = mean_std(values)
+            ax.scatter(values, [i + offset] * len(values), s=12, color=colour, alpha=0.5)
+            ax.errorbar(mean, i + offset, xerr=std or 0, fmt="o", color=colour, capsize=3,
+                        label=metric if i == 0 else None)  # fmt: skip
+    ax.set_yticks(range(len(rows)), [row["config"] for row in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("nats per test image (lower is better)")
+    ax.set_title("final test NLL bounds: mean ± 1 s.d. over seeds, dots = seeds")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(root: Path, title: str | None = None) -> list[dict]:
+    """Write report.md, report.csv and the two plots into `root`; return the per-configuration rows."""
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory; pass the multirun directory of a sweep")
+    runs = find_runs(root)
+    if not runs:
+        raise DataError(f"no runs under {root}: expected job folders holding .hydra/ or metrics.json")
+    name_configs(runs)
+    rows = summarise(runs)
+    write_markdown(root / "report.md", root, runs, rows, title or str(root))
+    write_csv(root / "report.csv", rows)
+    plot_curves(root / "val_neg_elbo.png", runs, rows)
+    plot_test(root / "test_nll.png", runs, rows)
+    return rows
+
+
+# -- compact run records (docs/results/) ---------------------------------------------------------
+RECORD_DROP = ("best_checkpoint",)  # a path on the machine that ran it; the record keeps its name only
+
+
+def compact_record(run: Run) -> dict:
+    """The run's metrics.json as committed: no absolute paths, the evaluation folded in."""
+    record = {k: v for k, v in run.record.items() if k not in RECORD_DROP}
+    if run.record.get("best_checkpoint"):
+        record["best_checkpoint_name"] = Path(run.record["best_checkpoint"]).name
+    return record
+
+
+def export(sweep_dir: Path, records_dir: Path, extra: dict | None = None) -> list[Path]:
+    """Each finished or diverged run of `sweep_dir` as records_dir/<run folder>/{metrics.json,
+    val_curve.csv}; `extra` fills keys a record lacks (e.g. "machine" for runs of an older
+    version that did not record it). Existing records are overwritten. Returns the folders written."""
+    written = []
+    for run in find_runs(sweep_dir):
+        if run.status not in ("finished", "diverged"):
+            continue
+        target = records_dir / run.path.relative_to(sweep_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        record = compact_record(run)
+        for key, value in (extra or {}).items():
+            record.setdefault(key, value)
+        _write_atomic(target / "metrics.json", json.dumps(record, indent=2, allow_nan=False) + "\n")
+        lines = [f"step,{CURVE_TAG}"] + [f"{step},{value:.4f}" for step, value in run.curve]
+        _write_atomic(target / CURVE_FILE, "\n".join(lines) + "\n")
+        written.append(target)
+    return written
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- docs/results.md -------------------------------------------------------------------------
+# Jang, Gu & Poole (2017), Table 1, as quoted in the issue that asked for this table (nats).
+PAPER_TABLE1 = {"SF": 110.6, "DARN": 128.8, "MuProp": 107.0, "ST": 110.9, "Annealed ST": 107.8,
+                "Gumbel-S.": 101.5, "ST Gumbel-S.": 107.8}
+# The paper's row beside each estimator of ours that implements it (the preset anneals tau, so
+# our st is the paper's annealed ST as much as its ST).
+PAPER_ROWS = {"sf": ("SF",), "st": ("ST", "Annealed ST"), "gumbel": ("Gumbel-S.",), "st_gumbel": ("ST Gumbel-S.",)}
+
+
+def _paper(estimator: str) -> str:
+    names = PAPER_ROWS.get(estimator, ())
+    return "; ".join(f"{PAPER_TABLE1[n]:.1f} ({n})" for n in names) or "—"
+
+
+def results_table(runs: list[Run], rows: list[dict], paper: bool, exact: bool) -> list[str]:
+    """One markdown row per configuration: the bounds over seeds (mean ± s.d.), n, budget, time."""
+    head = ["estimator", "seeds", "test −ELBO", "test NLL (IWAE)", "m"]
+    if exact:
+        head.append("test NLL (exact)")
+    head += ["best val −ELBO", "steps", "min/run"]
+    if paper:
+        head.append("paper, Table 1")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    for row in rows:
+        done = [r for r in runs if r.config == row["config"] and r.status == "finished"]
+        iwae = [v for r in done if (v := r.metric("eval/nll_iwae")) is not None]
+        ms = sorted({r.evaluation.get("num_samples") for r in done if r.metric("eval/nll_iwae") is not None})
+        if not iwae:  # no scripts/evaluate.py result: the bound of trainer.test
+            iwae = [v for r in done if (v := r.metric("test/nll_iwae")) is not None]
+            ms = sorted({r.record.get("test_iwae_samples") or "test" for r in done})
+        cells = [row["config"], f"{len(done)}" + (f" (+{row['n_diverged']} diverged)" if row["n_diverged"] else ""),
+                 fmt(row["test/neg_elbo_mean"], row["test/neg_elbo_std"]),
+                 fmt(*mean_std(iwae)) + (f" (n={len(iwae)})" if len(iwae) != len(done) else ""),
+                 ",".join(map(str, ms)) or "—"]  # fmt: skip
+        if exact:
+            cells.append(fmt(*mean_std([v for r in done if (v := r.metric("eval/nll_exact")) is not None])))
+        cells += [fmt(row["val/neg_elbo_mean"], row["val/neg_elbo_std"]), fmt(row["steps_mean"], digits=0),
+                  fmt(row["wall_time_min_mean"], digits=1)]  # fmt: skip
+        if paper:
+            cells.append(_paper(row["estimator"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def provenance(runs: list[Run]) -> list[str]:
+    """Where and with what the runs were made: machines, commits, wall time in total."""
+    finished = [r for r in runs if r.status in ("finished", "diverged")]
+    machines = sorted({_machine(r.record.get("machine")) for r in finished})
+    commits = sorted({str(r.record.get("commit")) for r in finished if r.record.get("commit")})
+    hours = sum(r.record.get("wall_time_s") or 0 for r in finished) / 3600
+    evaluation = sum(r.evaluation.get("wall_time_s") or 0 for r in finished) / 3600
+    lines = [f"{len(finished)} runs, {hours:.1f} h of training and testing in all"
+             + (f" plus {evaluation:.1f} h of scripts/evaluate.py" if evaluation else "") + "; "
+             + "machines: " + ("; ".join(machines) or "not recorded") + "; "
+             + "commits: " + (", ".join(f"`{c}`" for c in commits) or "not recorded") + "."]
+    others = [r for r in runs if r.status not in ("finished", "diverged")]
+    for run in others:
+        lines.append(f"- {run.path.name}: {run.status} ({run.record.get('error') or UNFINISHED})")
+    return lines
+
+
+def _machine(machine: dict | str | None) -> str:
+    if not machine:
+        return "not recorded"
+    if isinstance(machine, str):
+        return machine
+    device = machine.get("gpu") or machine.get("cpu") or "?"
+    threads = machine.get("threads")
+    return f"{device}" + (f", {threads} torch thread(s)" if threads else "") + (
+        f", torch {machine['torch']}" if machine.get("torch") else "")
+
+
+BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n).*?(<!-- /report:(?P=name) -->)", re.S)
+
+
+def results(records_root: Path, markdown: Path) -> dict[str, list[dict]]:
+    """Rebuild the generated parts of `markdown` (the blocks between <!-- report:NAME --> and
+    <!-- /report:NAME -->) and the plots beside the records, from records_root/<experiment>/.
+
+    Blocks: <experiment>-table (with the paper's numbers for jang2017, nll_exact where the
+    records have it) and <experiment>-provenance. Plots: records_root/<experiment>_val_neg_elbo.png
+    and <experiment>_test_nll.png. Text outside the blocks is left as it is."""
+    if not records_root.is_dir():
+        raise DataError(f"{records_root} is not a directory of run records (docs/results)")
+    blocks, summary = {}, {}
+    for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
+        runs = find_runs(folder)
+        if not runs:
+            continue
+        name_configs(runs)
+        rows = summarise(runs)
+        exact = any(r.metric("eval/nll_exact") is not None for r in runs)
+        blocks[f"{folder.name}-table"] = results_table(runs, rows, paper=folder.name == "jang2017", exact=exact)
+        blocks[f"{folder.name}-provenance"] = provenance(runs)
+        plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)
+        plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)
+        summary[folder.name] = rows
+    text = markdown.read_text() if markdown.is_file() else ""
+
+    def fill(match: re.Match) -> str:
+        lines = blocks.get(match["name"])
+        if lines is None:
+            return match[0]
+        return match[1] + "\n".join(lines) + "\n" + match[3]
+
+    markdown.write_text(BLOCK.sub(fill, text))
+    missing = sorted(set(blocks) - {m["name"] for m in BLOCK.finditer(text)})
+    if missing:
+        print(f"note: {markdown} has no block for {', '.join(missing)} "
+              f"(add <!-- report:NAME --> ... <!-- /report:NAME --> where it belongs)")
+    return summary

@@ -64,6 +64,8 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["estimator"] == name and metrics["steps"] == 4
     assert metrics["metrics"]["val/neg_elbo"] == pytest.approx(val, rel=1e-5)
+    assert metrics["machine"]["cpu"] and metrics["machine"]["threads"] >= 1 and metrics["machine"]["torch"]
+    assert metrics["commit"] is None or len(metrics["commit"]) >= 7  # None outside a git checkout
 
 
 def test_multirun_names_runs_by_their_overrides(data_root, tmp_path):

@@ -469,16 +469,44 @@ def _machine(machine: dict | str | None) -> str:
 BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n).*?(<!-- /report:(?P=name) -->)", re.S)
 
 
-def results(records_root: Path, markdown: Path) -> dict[str, list[dict]]:
-    """Rebuild the generated parts of `markdown` (the blocks between <!-- report:NAME --> and
-    <!-- /report:NAME -->) and the plots beside the records, from records_root/<experiment>/.
+def summary_table(experiments: dict[str, tuple[list[Run], list[dict]]]) -> list[str]:
+    """One row per estimator: its headline numbers on each experiment (the README's table)."""
+    names = list(experiments)
+    estimators = sorted({r.estimator for runs, _ in experiments.values() for r in runs if r.status == "finished"})
+
+    def cell(name: str, estimator: str) -> str:
+        runs, _ = experiments[name]
+        done = [r for r in runs if r.estimator == estimator and r.status == "finished"]
+        if not done:
+            return "—"
+        key = "eval/nll_exact" if any(r.metric("eval/nll_exact") is not None for r in done) else (
+            "eval/nll_iwae" if any(r.metric("eval/nll_iwae") is not None for r in done) else "test/neg_elbo")
+        values = [v for r in done if (v := r.metric(key)) is not None]
+        label = {"eval/nll_exact": "exact NLL", "eval/nll_iwae": "IWAE", "test/neg_elbo": "−ELBO"}[key]
+        return f"{fmt(*mean_std(values), digits=1)} ({label}, n={len(values)})"
+
+    head = ["estimator", *names] + (["paper, Table 1"] if "jang2017" in names else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    for estimator in estimators:
+        cells = [estimator, *(cell(name, estimator) for name in names)]
+        if "jang2017" in names:
+            cells.append(_paper(estimator))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
+    """Rebuild the generated parts of each markdown file (the blocks between <!-- report:NAME -->
+    and <!-- /report:NAME -->) and the plots beside the records, from records_root/<experiment>/.
 
     Blocks: <experiment>-table (with the paper's numbers for jang2017, nll_exact where the
-    records have it) and <experiment>-provenance. Plots: records_root/<experiment>_val_neg_elbo.png
-    and <experiment>_test_nll.png. Text outside the blocks is left as it is."""
+    records have it), <experiment>-provenance, and summary (one row per estimator, its headline
+    number on each experiment: exact NLL, else the evaluated IWAE bound, else test −ELBO).
+    Plots: records_root/<experiment>_val_neg_elbo.png and <experiment>_test_nll.png. Text
+    outside the blocks is left as it is."""
     if not records_root.is_dir():
         raise DataError(f"{records_root} is not a directory of run records (docs/results)")
-    blocks, summary = {}, {}
+    blocks, summary, experiments = {}, {}, {}
     for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
         runs = find_runs(folder)
         if not runs:
@@ -490,18 +518,14 @@ def results(records_root: Path, markdown: Path) -> dict[str, list[dict]]:
         blocks[f"{folder.name}-provenance"] = provenance(runs)
         plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)
         plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)
-        summary[folder.name] = rows
-    text = markdown.read_text() if markdown.is_file() else ""
+        summary[folder.name], experiments[folder.name] = rows, (runs, rows)
+    blocks["summary"] = summary_table(experiments)
 
     def fill(match: re.Match) -> str:
         lines = blocks.get(match["name"])
-        if lines is None:
-            return match[0]
-        return match[1] + "\n".join(lines) + "\n" + match[3]
+        return match[0] if lines is None else match[1] + "\n".join(lines) + "\n" + match[3]
 
-    markdown.write_text(BLOCK.sub(fill, text))
-    missing = sorted(set(blocks) - {m["name"] for m in BLOCK.finditer(text)})
-    if missing:
-        print(f"note: {markdown} has no block for {', '.join(missing)} "
-              f"(add <!-- report:NAME --> ... <!-- /report:NAME --> where it belongs)")
+    for markdown in markdowns:
+        text = markdown.read_text() if markdown.is_file() else ""
+        markdown.write_text(BLOCK.sub(fill, text))
     return summary

@@ -2,7 +2,7 @@
 
     python scripts/report.py multirun/jang2017_cpu           # report.md, .csv, plots, into the sweep
     python scripts/report.py export multirun/jang2017_cpu docs/results/jang2017
-    python scripts/report.py results                         # docs/results.md from docs/results/
+    python scripts/report.py results                         # docs/results.md (and README) from docs/results/
 
 `export` copies each finished run's compact record (metrics.json with the evaluation of its
 best checkpoint, val_curve.csv); `results` rebuilds docs/results.md's tables and plots from
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--commit", help="for records that lack it: the commit the runs ran")
     results = commands.add_parser("results", help="rebuild docs/results.md from docs/results/")
     results.add_argument("records_root", type=Path, nargs="?", default=REPO / "docs" / "results")
-    results.add_argument("--markdown", type=Path, default=REPO / "docs" / "results.md")
+    results.add_argument("--markdown", type=Path, nargs="+", default=[REPO / "docs" / "results.md", REPO / "README.md"],
+                         help="files whose <!-- report:NAME --> blocks are rebuilt (default: docs/results.md, README.md)")
     args = parser.parse_args(argv)
     try:
         run(args)
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         summary = report.results(args.records_root, args.markdown)
         print(json.dumps({name: len(rows) for name, rows in summary.items()}), "configurations;",
-              f"{args.markdown} and the plots under {args.records_root} rebuilt")
+              ", ".join(map(str, args.markdown)), f"and the plots under {args.records_root} rebuilt")
 
 
 if __name__ == "__main__":

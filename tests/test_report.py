@@ -145,7 +145,9 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
     markdown.write_text("# Results\n\nprose before\n<!-- report:jang2017-table -->\nold table\n"
                         "<!-- /report:jang2017-table -->\nprose after\n<!-- report:jang2017-provenance -->\n"
                         "<!-- /report:jang2017-provenance -->\n")  # fmt: skip
-    result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", markdown, cwd=tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:summary -->\n<!-- /report:summary -->\nrest\n")
+    result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", markdown, readme, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     text = markdown.read_text()
     assert "old table" not in text and "prose before" in text and "prose after" in text
@@ -160,6 +162,9 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
     assert gumbel["paper, Table 1"] == "101.5 (Gumbel-S.)"  # the paper's Table 1 beside it
     assert row("sf")["paper, Table 1"] == "110.6 (SF)" and row("sf")["steps"] == "1000"
     assert "6 runs, 0.2 h of training" in text
+    summary = readme.read_text().splitlines()
+    assert summary[0] == "intro" and summary[-1] == "rest"
+    assert "| gumbel | 107.0 ± 2.6 (−ELBO, n=3) | 101.5 (Gumbel-S.) |" in summary
     for name in ("jang2017_val_neg_elbo.png", "jang2017_test_nll.png"):
         png = (tmp_path / "docs" / "results" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"

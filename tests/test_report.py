@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -173,3 +174,13 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
 def test_results_refuses_a_missing_records_folder(tmp_path):
     result = _run(REPORT, "results", tmp_path / "nowhere", "--markdown", tmp_path / "r.md", cwd=tmp_path)
     assert result.returncode == 1 and "not a directory of run records" in result.stderr
+
+
+def test_committed_results_name_no_machine_paths():
+    """docs/ and its run records are read on other machines: no absolute paths of the one that made them."""
+    pattern = re.compile(r"(/work/|/root/|/home/|/Users/|/tmp/|[A-Z]:\\\\)")
+    files = [p for p in (REPO / "docs").rglob("*") if p.suffix in (".md", ".json", ".csv")]
+    assert files, "docs/ has its results page"
+    for path in files:
+        match = pattern.search(path.read_text())
+        assert match is None, f"{path.relative_to(REPO)} names {match[0]!r}"

@@ -14,6 +14,7 @@ number; their noise is seeded per batch, apart from the training stream.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -32,6 +33,7 @@ from discrete_vae.networks import Decoder, Encoder
 
 EVAL_SEED = 0  # the seed of the noise of every validation and test pass (with the batch's index)
 OUTPUT_BIAS_INITS = ("data_mean", "default")
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set to 1 by Lightning at import
 MEAN_CLAMP = 1e-3  # the training mean pixel is clamped to [1e-3, 1 - 1e-3] before its logit (as Burda et al.)
 
 
@@ -189,6 +191,27 @@ class CategoricalVAE(L.LightningModule):
                 on_step=True, on_epoch=False, batch_size=batch.shape[0],
             )
         return out.loss
+
+    # -- per-step overhead that a hand-written loop does not have ----------------------------------
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Our batches are tensors already on the device (discrete_vae.data serves them from there):
+        returned as they are, without Lightning's walk over a collection."""
+        if isinstance(batch, Tensor) and batch.device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_fit_start(self) -> None:
+        """Training on the CPU: Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import, with which
+        every torch.cuda.is_available() (Adam's step asks once per step) loads the NVML library
+        anew: some 70 us a call with a CUDA build of torch on a machine without a GPU, where torch's
+        own check costs under 1 us. Switched off for the fit, restored after it."""
+        self._nvml_check = os.environ.get(NVML_CHECK)
+        if self.device.type == "cpu" and self._nvml_check == "1":
+            os.environ[NVML_CHECK] = "0"
+
+    def on_fit_end(self) -> None:
+        if getattr(self, "_nvml_check", None) is not None:
+            os.environ[NVML_CHECK] = self._nvml_check
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         """The step's noise comes from the global RNG seeded from (seed, step, rank): a pure function

@@ -287,7 +287,8 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = np.array([[c[s] for s in steps] for c in curves])  # (seeds, steps)
         mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
-        (line,) = ax.plot(steps, mean, label=f"{row['config']} (n={len(curves)})", lw=1.5)
+        style = ("-", "--", ":")[len(ax.get_lines()) // 10 % 3]  # ten colours, then dashed
+        (line,) = ax.plot(steps, mean, style, label=f"{row['config']} (n={len(curves)})", lw=1.5)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
         tops.append(mean[min(len(mean) - 1, max(1, len(mean) // 10))])
     if tops:

@@ -82,7 +82,7 @@ class CategoricalVAE(L.LightningModule):
         num_images: int = 8,
         test_iwae_samples: int = 50,
         seed: int = 0,
-        output_bias_init: str = "data_mean",
+        output_bias_init: str = "default",  # conf/model sets data_mean: on for every configured run
     ):
         super().__init__()
         if num_latents < 1 or num_categories < 2:

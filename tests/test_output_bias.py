@@ -87,7 +87,8 @@ def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
     with pytest.raises(ConfigError, match="output_bias_init='mean'.*data_mean, default"):
         CategoricalVAE(StraightThrough(), output_bias_init="mean")
 
-    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5])
+    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5],
+                           output_bias_init="data_mean")  # fmt: skip
     loader = [torch.ones(2, 4)]
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
@@ -96,7 +97,9 @@ def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
 
 
 def test_a_loaded_checkpoint_keeps_its_bias(tmp_path):
-    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5])
+    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5],
+                           output_bias_init="data_mean")  # fmt: skip
+    assert model.output_bias_pending
     model.on_load_checkpoint({})
     assert not model.output_bias_pending
 

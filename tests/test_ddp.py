@@ -42,19 +42,19 @@ def test_ranks_train_on_disjoint_shares_that_cover_the_epoch(ddp_run, data_root)
     run, tmp = ddp_run
     seen = [json.loads((tmp / f"rows_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 25_000, "each rank trains on half of the 50,000 images"
-    splits = instantiate(load_checkpoint(run / "checkpoints" / "last.ckpt")[1].data).load_splits()
+    splits = instantiate(load_checkpoint(run / "checkpoints" / "last.ckpt")[1].data, root=str(data_root)).load_splits()
     everything = Counter(hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in splits["train"])
     assert Counter(seen[0]) + Counter(seen[1]) == everything, "together the ranks saw every image once"
     record = json.loads((run / "metrics.json").read_text())
     assert record["steps"] == 250, "an epoch has half as many steps per rank"
 
 
-def test_validation_is_reduced_to_the_single_process_value(ddp_run):
+def test_validation_is_reduced_to_the_single_process_value(ddp_run, data_root):
     run, _ = ddp_run
     record = json.loads((run / "metrics.json").read_text())
     model, cfg = load_checkpoint(run / "checkpoints" / "best-step250.ckpt")  # the weights validated last
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    single = trainer.validate(model, datamodule=instantiate(cfg.data), verbose=False)[0]["val/neg_elbo"]
+    single = trainer.validate(model, datamodule=instantiate(cfg.data, root=str(data_root)), verbose=False)[0]["val/neg_elbo"]
     assert record["metrics"]["val/neg_elbo"] == pytest.approx(single, rel=1e-6)
 
 

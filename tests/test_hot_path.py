@@ -32,8 +32,8 @@ class RecordEnvironment(L.Callback):
         self.during.add(os.environ.get(NVML_CHECK))
 
 
-def test_the_nvml_check_is_off_while_fitting_on_the_cpu_and_restored_after():
-    assert os.environ.get(NVML_CHECK) == "1"  # Lightning's setting at import
+def test_the_nvml_check_is_off_while_fitting_on_the_cpu_and_restored_after(monkeypatch):
+    monkeypatch.setenv(NVML_CHECK, "1")  # Lightning's setting at import
     probe = RecordEnvironment()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])  # fmt: skip

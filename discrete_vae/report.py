@@ -363,6 +363,11 @@ RECORD_DROP = ("best_checkpoint",)  # a path on the machine that ran it; the rec
 def compact_record(run: Run) -> dict:
     """The run's metrics.json as committed: no absolute paths, the evaluation folded in."""
     record = {k: v for k, v in run.record.items() if k not in RECORD_DROP}
+    # only the overrides that name the run: paths (data.root), budgets of quick checks and
+    # resources are left out, so that runs made on other machines group into the same rows
+    key = lambda item: str(item).split("=", 1)[0].lstrip("+~")  # noqa: E731
+    dropped = run.ignored_keys - ALWAYS_IGNORED
+    record["overrides"] = [o for o in run.overrides if key(o) not in dropped and not key(o).startswith("hydra.")]
     if run.record.get("best_checkpoint"):
         record["best_checkpoint_name"] = Path(run.record["best_checkpoint"]).name
     return record

@@ -30,6 +30,8 @@ def _job(root, estimator: str, seed: int, record: dict | None, curve: list[float
     (folder / ".hydra").mkdir(parents=True)
     overrides = [*COMMON[:1], f"seed={seed}", f"estimator={estimator}", *COMMON[1:]]
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / ".hydra" / "hydra.yaml").write_text(  # as conf/train.yaml: paths and resources do not name a run
+        "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [data.root, trainer.enable_progress_bar]\n")
     if record is not None:
         (folder / "metrics.json").write_text(json.dumps({"estimator": estimator, "overrides": overrides,
                                                          "seed": seed, **record}))  # fmt: skip
@@ -132,6 +134,7 @@ def test_export_writes_compact_records_without_machine_paths(sweep, tmp_path):
     assert exported["evaluation"]["metrics"]["nll_iwae"] == 99.5
     assert exported["evaluation"]["checkpoint"] == exported["best_checkpoint_name"] == "best-step999.ckpt"
     assert (exported["machine"], exported["commit"]) == ("test machine", "abc1234")
+    assert exported["overrides"] == ["experiment=jang2017", "seed=1", "estimator=gumbel", "trainer.max_epochs=2"]
     curve = (records / "estimator=gumbel,seed=1" / "val_curve.csv").read_text().splitlines()
     assert curve[0] == "step,val/neg_elbo" and curve[1] == "99,201.0000" and len(curve) == 11
 

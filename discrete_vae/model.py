@@ -112,6 +112,7 @@ class CategoricalVAE(L.LightningModule):
         self.seed = int(require_number("seed", seed, integer=True))
         self.output_bias_init = output_bias_init
         self.output_bias_pending = output_bias_init == "data_mean"  # done once, before the first fit
+        self._nvml_switched_off = False  # on_fit_start turned Lightning's NVML check off (CPU fits)
 
     # -- the model ---------------------------------------------------------------------------
     def cost(self, z: Tensor, x: Tensor) -> Tensor:
@@ -205,13 +206,13 @@ class CategoricalVAE(L.LightningModule):
         every torch.cuda.is_available() (Adam's step asks once per step) loads the NVML library
         anew: some 70 us a call with a CUDA build of torch on a machine without a GPU, where torch's
         own check costs under 1 us. Switched off for the fit, restored after it."""
-        self._nvml_check = os.environ.get(NVML_CHECK)
-        if self.device.type == "cpu" and self._nvml_check == "1":
+        self._nvml_switched_off = self.device.type == "cpu" and os.environ.get(NVML_CHECK) == "1"
+        if self._nvml_switched_off:
             os.environ[NVML_CHECK] = "0"
 
     def on_fit_end(self) -> None:
-        if getattr(self, "_nvml_check", None) is not None:
-            os.environ[NVML_CHECK] = self._nvml_check
+        if self._nvml_switched_off:
+            os.environ[NVML_CHECK] = "1"
 
     def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
         """The step's noise comes from the global RNG seeded from (seed, step, rank): a pure function

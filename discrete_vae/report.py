@@ -85,6 +85,12 @@ class Run:
         """scripts/evaluate.py's record of the best checkpoint on the test split ({} when none)."""
         return self.record.get("evaluation") or {}
 
+    def naming_overrides(self) -> list[str]:
+        """The overrides that name the run: without the keys its Hydra config leaves out of run
+        names (paths such as data.root, budgets of quick checks, resources) and hydra.* (the seed stays)."""
+        dropped = self.ignored_keys - ALWAYS_IGNORED
+        return [o for o in self.overrides if _key(o) not in dropped and not _key(o).startswith("hydra.")]
+
     def metric(self, name: str) -> float | None:
         if name.startswith("eval/"):
             value = self.evaluation.get("metrics", {}).get(name[len("eval/"):])
@@ -99,6 +105,11 @@ class Run:
         threshold = (1 - LAST_FRACTION) * self.curve[-1][0]
         before = [v for s, v in self.curve if s <= threshold] or [self.curve[0][1]]
         return before[-1] - self.curve[-1][1]
+
+
+def _key(item: str) -> str:
+    """The key of an override: `+model.x=1` -> `model.x`."""
+    return str(item).split("=", 1)[0].lstrip("+~")
 
 
 def where(run: Run, root: Path) -> str:
@@ -169,11 +180,7 @@ def name_configs(runs: list[Run]) -> None:
     """config = the run's overrides minus the seed, budgets and paths, and minus the overrides
     that every finished run shares (a failed run started by hand may lack some of those)."""
 
-    def key(item: str) -> str:
-        return item.split("=", 1)[0].lstrip("+~")
-
-    kept = [[o for o in run.overrides if key(o) not in run.ignored_keys and not key(o).startswith("hydra.")]
-            for run in runs]
+    kept = [[o for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED] for run in runs]
     reference = [k for run, k in zip(runs, kept) if run.status == "finished"] or kept
     shared = set.intersection(*(set(k) for k in reference)) if reference else set()
     for run, items in zip(runs, kept):
@@ -363,11 +370,8 @@ RECORD_DROP = ("best_checkpoint",)  # a path on the machine that ran it; the rec
 def compact_record(run: Run) -> dict:
     """The run's metrics.json as committed: no absolute paths, the evaluation folded in."""
     record = {k: v for k, v in run.record.items() if k not in RECORD_DROP}
-    # only the overrides that name the run: paths (data.root), budgets of quick checks and
-    # resources are left out, so that runs made on other machines group into the same rows
-    key = lambda item: str(item).split("=", 1)[0].lstrip("+~")  # noqa: E731
-    dropped = run.ignored_keys - ALWAYS_IGNORED
-    record["overrides"] = [o for o in run.overrides if key(o) not in dropped and not key(o).startswith("hydra.")]
+    # runs made on other machines (other paths, resources) group into the same rows
+    record["overrides"] = run.naming_overrides()
     if run.record.get("best_checkpoint"):
         record["best_checkpoint_name"] = Path(run.record["best_checkpoint"]).name
     return record
@@ -475,13 +479,13 @@ def _machine(machine: dict | str | None) -> str:
 BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n).*?(<!-- /report:(?P=name) -->)", re.S)
 
 
-def summary_table(experiments: dict[str, tuple[list[Run], list[dict]]]) -> list[str]:
+def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     """One row per estimator: its headline numbers on each experiment (the README's table)."""
     names = list(experiments)
-    estimators = sorted({r.estimator for runs, _ in experiments.values() for r in runs if r.status == "finished"})
+    estimators = sorted({r.estimator for runs in experiments.values() for r in runs if r.status == "finished"})
 
     def cell(name: str, estimator: str) -> str:
-        runs, _ = experiments[name]
+        runs = experiments[name]
         done = [r for r in runs if r.estimator == estimator and r.status == "finished"]
         if not done:
             return "—"
@@ -524,7 +528,7 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         blocks[f"{folder.name}-provenance"] = provenance(runs)
         plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)
         plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)
-        summary[folder.name], experiments[folder.name] = rows, (runs, rows)
+        summary[folder.name], experiments[folder.name] = rows, runs
     blocks["summary"] = summary_table(experiments)
 
     def fill(match: re.Match) -> str:

@@ -33,7 +33,7 @@ ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 
 
 
-def load_model(cfg: DictConfig, device: torch.device):
+def load_model(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]):
     """The checkpoint's model, or a fresh one initialised with `seed`; and a line describing it."""
     if cfg.ckpt_path:
         model, _ = load_checkpoint(cfg.ckpt_path)
@@ -42,14 +42,14 @@ def load_model(cfg: DictConfig, device: torch.device):
         torch.manual_seed(cfg.seed)
         model = instantiate(cfg.model, estimator=RLOO())  # the model's own estimator is not used
         if model.output_bias_pending:  # as training starts: the output bias from the training split
-            model.init_output_bias(instantiate(cfg.data).train_images())
+            model.init_output_bias(splits["train"])
         weights = f"fresh initialisation (seed {cfg.seed}, output bias {model.output_bias_init})"
     return model.to(device), weights
 
 
-def validation_batch(cfg: DictConfig, device: torch.device) -> torch.Tensor:
+def validation_batch(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]) -> torch.Tensor:
     """The first `batch_size` validation images.  # (B, D)"""
-    val = instantiate(cfg.data).load_splits()["val"]
+    val = splits["val"]
     if cfg.batch_size < 1 or cfg.batch_size > len(val):
         raise ConfigError(f"batch_size must be in [1, {len(val)}] (the validation images), got {cfg.batch_size}")
     return val[: cfg.batch_size].to(device=device, dtype=torch.float32)
@@ -143,9 +143,10 @@ def study(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    model, weights = load_model(cfg, device)
+    splits = instantiate(cfg.data).load_splits()  # read once: the training mean and the batch
+    model, weights = load_model(cfg, device, splits)
     N, K = model.encoder.shape
-    x = validation_batch(cfg, device)
+    x = validation_batch(cfg, device, splits)
     estimators, notes = build_estimators(cfg, N, K, device)
 
     torch.manual_seed(seed_for(cfg, "reference"))

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from discrete_vae import report
-from discrete_vae.errors import UserError
+from discrete_vae.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
         print("written:", ", ".join(str(root / name) for name in names))
     elif args.command == "export":
         if not args.multirun_dir.is_dir():
-            raise report.DataError(f"{args.multirun_dir} is not a directory; pass the multirun directory of a sweep")
+            raise DataError(f"{args.multirun_dir} is not a directory; pass the multirun directory of a sweep")
         extra = {key: value for key in ("machine", "commit") if (value := getattr(args, key))}
         written = report.export(args.multirun_dir.resolve(), args.records_dir, extra)
         print(f"{len(written)} records written under {args.records_dir}")

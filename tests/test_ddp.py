@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -20,7 +19,7 @@ from hydra.utils import instantiate
 
 from discrete_vae.training import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 # 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2
 SHORT = ["trainer.max_epochs=3", "trainer.limit_train_batches=10", "trainer.log_every_n_steps=2",

@@ -16,7 +16,7 @@ from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import StraightThrough
 from discrete_vae.model import CategoricalVAE
 from discrete_vae.training import build_model, quiet_third_party
-from tests.conftest import REPO
+from conftest import REPO
 
 # A seed with which gumbel, st_gumbel, st and gumbel_rao all ended with one code after 300
 # steps with PyTorch's initialisation (exact did too, after 100 steps); measured when the

@@ -6,14 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 ESTIMATORS = sorted(p.stem for p in (REPO / "conf" / "estimator").glob("*.yaml"))
 TINY = [
     "trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",

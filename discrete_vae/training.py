@@ -284,11 +284,13 @@ def _resume_from(cfg: DictConfig, output_dir: Path, resume: str) -> Path | None:
 def quiet_third_party() -> None:
     """Silence what a researcher does not act on: Lightning's start-up notices (accelerators found,
     advertisements, "restoring states"; its warnings stay), a deprecation inside Lightning's own
-    code, and the notice that a resumed run's checkpoint folder is not empty."""
+    code, the notice that a resumed run's checkpoint folder is not empty, and the notice that our
+    module's transfer_batch_to_device (a deliberate pass-through, model.py) takes precedence."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`")
 
 
 def build_run(

@@ -20,12 +20,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from discrete_vae.callbacks import ValidateAtLastStep, best_checkpoint
+from discrete_vae.callbacks import LatestCheckpoint, ValidateAtLastStep, best_checkpoint
 from discrete_vae.errors import ConfigError, DataError, TrainingDiverged, find_user_error, require_number
 from discrete_vae.model import CategoricalVAE
 
@@ -341,7 +342,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
     datamodule, model, trainer = build_run(cfg, output_dir, resumed_step=resumed_step, fresh=ckpt_path is None,
                                            datamodule=datamodule, model=model)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        stopped_by_sigterm(trainer, resumed_step)
     if trainer.interrupted:
         raise KeyboardInterrupt
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
@@ -358,6 +362,21 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
     )
     log.info("metrics: %s", json.dumps(record["metrics"]))
     return record
+
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM
+
+
+def stopped_by_sigterm(trainer: L.Trainer, resumed_step: int) -> None:
+    """A SIGTERM (a cluster's preemption, `kill`, a launcher shutting down) makes Lightning finish
+    the epoch in progress and then leave fit() by a SystemExit with status 0, as if the run had
+    succeeded. Here it ends with status 143 and says where the run can resume from."""
+    saved = max([c._last_global_step_saved for c in trainer.callbacks if isinstance(c, LatestCheckpoint)]
+                + [resumed_step])  # this process's last save, else the checkpoint it resumed from
+    where = f"last.ckpt holds step {saved}" if saved > 0 else "no last.ckpt yet"
+    log.error("stopped by SIGTERM at step %d, before the end of training (%s): run the same command again "
+              "to resume (resume=auto)", trainer.global_step, where)
+    raise SystemExit(SIGTERM_EXIT)
 
 
 def _scalar(value) -> float | None:

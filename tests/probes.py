@@ -21,8 +21,8 @@ class KillOnce(L.Callback):
     """SIGKILL at `trainer.global_step == step` unless $KILL_ONCE_DIR already holds this run's marker;
     `only` limits it to runs of that estimator class."""
 
-    def __init__(self, step: int, only: str | None = None):
-        self.step, self.only = step, only
+    def __init__(self, step: int, only: str | None = None, sig: str = "SIGKILL"):
+        self.step, self.only, self.sig = step, only, getattr(signal, sig)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self.step or (self.only and type(pl_module.estimator).__name__ != self.only):
@@ -32,7 +32,7 @@ class KillOnce(L.Callback):
         if marker.exists():
             return
         marker.touch()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), self.sig)
 
 
 class RecordRows(L.Callback):

@@ -177,3 +177,29 @@ def test_evaluate_help_lists_only_its_own_options(data_root, tmp_path):
     proc = train(["--help"], data_root, tmp_path, script="scripts/evaluate.py")
     assert "ckpt_path" in proc.stdout and "num_samples" in proc.stdout
     assert "estimator:" not in proc.stdout and "Configuration groups" not in proc.stdout
+
+
+def test_sigterm_ends_with_status_143_and_the_run_resumes_exactly(data_root, tmp_path):
+    # full epochs (no limit_train_batches) of 10 steps and last.ckpt every 10 steps: every
+    # checkpoint is taken at an epoch's last batch, as with the presets (every 1,000 steps,
+    # epochs of 500). On SIGTERM Lightning stops after the step and leaves fit() with status 0.
+    full = ["data.batch_size=5000", "trainer.max_epochs=3", "callbacks.latest.every_n_train_steps=10",
+            "trainer.log_every_n_steps=5", "seed=3", *QUICK]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train([*full, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    term = f"+callbacks.kill={{_target_:probes.KillOnce,step:13,sig:SIGTERM}}"
+    proc = train([*full, term, f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "stopped by SIGTERM at step 13" in out and "last.ckpt holds step 10" in out, out[-2000:]
+    assert not (broken / "metrics.json").exists()
+    proc = train([*full, f"hydra.run.dir={broken}"], data_root, tmp_path)
+    assert "(step 10)" in proc.stdout
+
+    ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
+    assert ra["steps"] == rb["steps"] == 30
+    a, b = weights(straight), weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
+    assert ra["metrics"] == rb["metrics"]
+    for tag in ("train/loss", "val/neg_elbo"):
+        assert scalars(straight, tag) == scalars(broken, tag), tag

@@ -23,6 +23,10 @@ class DataError(UserError, RuntimeError):
     """A data file is missing, truncated or corrupt, or cannot be downloaded."""
 
 
+class RunFolderBusy(UserError, RuntimeError):
+    """Another process is training the same run folder (training.run_folder_lock)."""
+
+
 class TrainingDiverged(UserError, RuntimeError):
     """The training loss (or the validation metric) stopped being finite; usually a learning rate or
     a temperature too extreme. Carries the step and the last finite metrics for the run's record."""

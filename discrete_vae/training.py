@@ -6,6 +6,7 @@ study scripts reuse `build_model` and `load_checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,16 +19,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae.callbacks import LatestCheckpoint, ValidateAtLastStep, best_checkpoint
-from discrete_vae.errors import ConfigError, DataError, TrainingDiverged, find_user_error, require_number
+from discrete_vae.errors import (
+    ConfigError, DataError, RunFolderBusy, TrainingDiverged, find_user_error, require_number,
+)
 from discrete_vae.model import CategoricalVAE
 
 log = logging.getLogger(__name__)
@@ -159,6 +167,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
               f"Use resume=never to run it again.", file=sys.stderr)
         return done
+    with run_folder_lock(output_dir):
+        return _fit_or_record_failure(cfg, output_dir, start, resume)
+
+
+def _fit_or_record_failure(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
     try:
         return _fit_and_test(cfg, output_dir, start, resume)
     except TrainingDiverged as err:
@@ -168,6 +181,40 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         error = find_user_error(err) or err
         write_record(cfg, output_dir, start, status="failed", metrics={}, error=f"{type(error).__name__}: {error}")
         raise
+
+
+LOCK_FILE = ".training.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(output_dir: Path):
+    """One process trains a run folder at a time: two (a sweep started twice, a launcher's workers
+    left running by a killed parent) would overwrite each other's last.ckpt and records. An
+    advisory lock on a file in the folder, held by rank zero for the whole run; the system
+    releases it when the process ends, kill -9 included, so it never goes stale."""
+    if _rank() != 0 or fcntl is None:  # DDP's other ranks share rank zero's folder; no fcntl on Windows
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFolderBusy(
+                f"another process (pid {holder}) is training {output_dir}: two processes in one run folder "
+                f"overwrite each other's checkpoints. Wait for it, or stop it (all of a sweep's processes, "
+                f"launcher workers included) and run this again to resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _finished_record(output_dir: Path) -> dict[str, Any] | None:

@@ -203,3 +203,22 @@ def test_sigterm_ends_with_status_143_and_the_run_resumes_exactly(data_root, tmp
     assert ra["metrics"] == rb["metrics"]
     for tag in ("train/loss", "val/neg_elbo"):
         assert scalars(straight, tag) == scalars(broken, tag), tag
+
+
+def test_one_process_per_run_folder(data_root, tmp_path):
+    from discrete_vae.errors import RunFolderBusy
+    from discrete_vae.training import run_folder_lock
+
+    run = tmp_path / "run"
+    with run_folder_lock(run):
+        with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"), run_folder_lock(run):
+            pass
+        # a second scripts/train.py on the folder is refused, and leaves no record in it
+        proc = train(["trainer.max_steps=2", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"another process (pid {os.getpid()}) is training" in proc.stderr
+        assert not (run / "metrics.json").exists() and not (run / "checkpoints").exists()
+    with run_folder_lock(run):  # released on exit
+        pass
+    train(["trainer.max_steps=2", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -168,6 +169,7 @@ def read_curve(folder: Path) -> list[tuple[int, float]]:
         return []
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # a resumed run's purge notices: expected
     accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     accumulator.Reload()
     if CURVE_TAG not in accumulator.Tags().get("scalars", []):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import lightning as L
 import torch
@@ -252,6 +253,29 @@ class ValidateAtLastStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class WallClock(L.Callback):
+    """The wall time of a run across its resumes: each checkpoint stores the seconds spent up to
+    it (`elapsed_s`, this callback's state), and a resumed run starts its clock from there, so
+    that metrics.json's wall_time_s is the whole run's, not only its last process's. The time a
+    killed process spent past its last checkpoint is not counted: it is work the resume redoes."""
+
+    def __init__(self):
+        self.before = 0.0  # seconds of earlier processes, up to the checkpoint resumed from
+        self._started: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.before = float(state_dict.get("elapsed_s", 0.0))
 
 
 class LatestCheckpoint(ModelCheckpoint):

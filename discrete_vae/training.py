@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from discrete_vae.callbacks import LatestCheckpoint, ValidateAtLastStep, best_checkpoint
+from discrete_vae.callbacks import LatestCheckpoint, ValidateAtLastStep, WallClock, best_checkpoint
 from discrete_vae.errors import (
     ConfigError, DataError, RunFolderBusy, TrainingDiverged, find_user_error, require_number,
 )
@@ -355,7 +355,7 @@ def build_run(
     model.run_choices = summary["choices"]
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(ValidateAtLastStep())
+    callbacks += [ValidateAtLastStep(), WallClock()]
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
@@ -395,6 +395,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
         stopped_by_sigterm(trainer, resumed_step)
     if trainer.interrupted:
         raise KeyboardInterrupt
+    start -= sum(c.before for c in trainer.callbacks if isinstance(c, WallClock))  # earlier processes' time
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
     metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
     if cfg.get("test", True):

@@ -101,3 +101,16 @@ def test_callback_ignores_estimators_without_temperature(tmp_path):
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="interval"):
         TemperatureAnnealing(interval=0)
+
+
+def test_wall_clock_carries_the_time_of_earlier_processes():
+    from discrete_vae.callbacks import WallClock
+
+    clock = WallClock()
+    assert clock.state_dict() == {"elapsed_s": 0.0}  # nothing run yet
+    clock.load_state_dict({"elapsed_s": 100.0})  # a resume: 100 s before the checkpoint
+    clock.on_fit_start(None, None)
+    assert clock.before == 100.0 and clock.state_dict()["elapsed_s"] >= 100.0
+    fresh = WallClock()
+    fresh.load_state_dict({})  # a checkpoint written before the clock existed
+    assert fresh.before == 0.0

@@ -56,6 +56,9 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
         proc = train([*SHORT, kill_at(step), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert not (broken / "metrics.json").exists()
+    # the checkpoint carries the time spent up to it, and the resumed run's record counts it
+    before = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["WallClock"]["elapsed_s"]
+    assert before > 0
     proc = train([*SHORT, f"hydra.run.dir={broken}"], data_root, tmp_path)
     assert "resuming from" in proc.stdout and "(step 20)" in proc.stdout
 
@@ -63,7 +66,7 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30
-    assert rb["resumed_from_step"] == 20
+    assert rb["resumed_from_step"] == 20 and rb["wall_time_s"] > before
     # TensorBoard shows one trajectory: the killed runs' events past each checkpoint are purged
     for tag in ("train/loss", "val/neg_elbo"):
         assert scalars(straight, tag) == scalars(broken, tag), tag

@@ -288,6 +288,11 @@ class LatestCheckpoint(ModelCheckpoint):
         require_number("callbacks.latest.every_n_train_steps", every_n_train_steps, positive=True, integer=True)
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
 
+    @property
+    def saved_step(self) -> int:
+        """The step of the last last.ckpt this process wrote (0 before its first)."""
+        return self._last_global_step_saved
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -416,10 +416,10 @@ SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by S
 
 
 def stopped_by_sigterm(trainer: L.Trainer, resumed_step: int) -> None:
-    """A SIGTERM (a cluster's preemption, `kill`, a launcher shutting down) makes Lightning finish
-    the epoch in progress and then leave fit() by a SystemExit with status 0, as if the run had
+    """A SIGTERM (a cluster's preemption, `kill`, a launcher shutting down) makes Lightning stop
+    after the step in progress and leave fit() by a SystemExit with status 0, as if the run had
     succeeded. Here it ends with status 143 and says where the run can resume from."""
-    saved = max([c._last_global_step_saved for c in trainer.callbacks if isinstance(c, LatestCheckpoint)]
+    saved = max([c.saved_step for c in trainer.callbacks if isinstance(c, LatestCheckpoint)]
                 + [resumed_step])  # this process's last save, else the checkpoint it resumed from
     where = f"last.ckpt holds step {saved}" if saved > 0 else "no last.ckpt yet"
     log.error("stopped by SIGTERM at step %d, before the end of training (%s): run the same command again "

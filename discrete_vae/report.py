@@ -36,6 +36,7 @@ import math
 import os
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,15 +488,22 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     estimators = sorted({r.estimator for runs in experiments.values() for r in runs if r.status == "finished"})
 
     def cell(name: str, estimator: str) -> str:
-        runs = experiments[name]
-        done = [r for r in runs if r.estimator == estimator and r.status == "finished"]
-        if not done:
+        finished = [r for r in experiments[name] if r.status == "finished"]
+        configs = {r.config for r in finished if r.estimator == estimator}
+        if not configs:
             return "—"
+        # one configuration per cell, never an average over several: the longest-trained, then the most seeds
+        best = max(configs, key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
+                                           sum(r.config == c for r in finished)))
+        done = [r for r in finished if r.config == best]
+        steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget
+        own = sorted({r.record.get("steps") or 0 for r in done})
+        budget = "" if own == [steps] else f", {' / '.join(f'{n:,}' for n in own)} steps"  # a reduced budget, stated
         key = "eval/nll_exact" if any(r.metric("eval/nll_exact") is not None for r in done) else (
             "eval/nll_iwae" if any(r.metric("eval/nll_iwae") is not None for r in done) else "test/neg_elbo")
         values = [v for r in done if (v := r.metric(key)) is not None]
         label = {"eval/nll_exact": "exact NLL", "eval/nll_iwae": "IWAE", "test/neg_elbo": "−ELBO"}[key]
-        return f"{fmt(*mean_std(values), digits=1)} ({label}, n={len(values)})"
+        return f"{fmt(*mean_std(values), digits=1)} ({label}, n={len(values)}{budget})"
 
     head = ["estimator", *names] + (["paper, Table 1"] if "jang2017" in names else [])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]

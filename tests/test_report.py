@@ -25,10 +25,10 @@ COMMON = ["experiment=jang2017", "trainer.max_epochs=2", "trainer.enable_progres
 TEST_NEG_ELBO = {"sf": [120.0, 122.0, 127.0], "gumbel": [105.0, 106.0, 110.0]}
 
 
-def _job(root, estimator: str, seed: int, record: dict | None, curve: list[float] | None = None):
-    folder = root / f"estimator={estimator},seed={seed}"
+def _job(root, estimator: str, seed: int, record: dict | None, curve: list[float] | None = None, extra=()):
+    folder = root / ",".join([f"estimator={estimator},seed={seed}", *extra])
     (folder / ".hydra").mkdir(parents=True)
-    overrides = [*COMMON[:1], f"seed={seed}", f"estimator={estimator}", *COMMON[1:]]
+    overrides = [*COMMON[:1], f"seed={seed}", f"estimator={estimator}", *COMMON[1:], *extra]
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (folder / ".hydra" / "hydra.yaml").write_text(  # as conf/train.yaml: paths and resources do not name a run
         "hydra:\n  job:\n    config:\n      override_dirname:\n        exclude_keys: [data.root, trainer.enable_progress_bar]\n")
@@ -187,3 +187,22 @@ def test_committed_results_name_no_machine_paths():
     for path in files:
         match = pattern.search(path.read_text())
         assert match is None, f"{path.relative_to(REPO)} names {match[0]!r}"
+
+
+def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, tmp_path):
+    def finished(test, steps):
+        return {"steps": steps, "wall_time_s": 60.0, "status": "finished",
+                "metrics": {"val/neg_elbo": test, "test/neg_elbo": test, "test/nll_iwae": test - 5.0}}
+
+    _job(sweep, "gumbel", 1, finished(150.0, 200), extra=["model.optimizer.lr=1e-4", "trainer.max_epochs=1"])
+    _job(sweep, "indecater", 1, finished(130.0, 200), extra=["trainer.max_epochs=1"])
+    records = tmp_path / "docs" / "results" / "jang2017"
+    assert _run(REPORT, "export", sweep, records, cwd=tmp_path).returncode == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n")
+    result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", readme, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = readme.read_text()
+    # the full-budget gumbel runs alone, not averaged with the short run of another learning rate
+    assert "| gumbel | 107.0 ± 2.6 (−ELBO, n=3) |" in summary
+    assert "| indecater | 130.0 (−ELBO, n=1, 200 steps) |" in summary

@@ -492,8 +492,9 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
         configs = {r.config for r in finished if r.estimator == estimator}
         if not configs:
             return "—"
-        # one configuration per cell, never an average over several: the longest-trained, then the most seeds
-        best = max(configs, key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
+        # one configuration per cell, never an average over several: the longest-trained, then the
+        # most seeds, then the first by name (sorted: the same cell on every rebuild)
+        best = max(sorted(configs), key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
                                            sum(r.config == c for r in finished)))
         done = [r for r in finished if r.config == best]
         steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget

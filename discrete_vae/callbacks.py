@@ -294,5 +294,5 @@ class LatestCheckpoint(ModelCheckpoint):
         return self._last_global_step_saved
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
+        if self.saved_step != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

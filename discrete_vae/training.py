@@ -172,14 +172,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _fit_or_record_failure(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
+    """Every record's wall time counts the earlier processes of a resumed run (WallClock.before)."""
+    clock = WallClock()
     try:
-        return _fit_and_test(cfg, output_dir, start, resume)
+        return _fit_and_test(cfg, output_dir, start, resume, clock)
     except TrainingDiverged as err:
-        write_record(cfg, output_dir, start, status="diverged", metrics=err.metrics, steps=err.step, error=str(err))
+        write_record(cfg, output_dir, start - clock.before, status="diverged", metrics=err.metrics, steps=err.step,
+                     error=str(err))
         raise
     except Exception as err:
         error = find_user_error(err) or err
-        write_record(cfg, output_dir, start, status="failed", metrics={}, error=f"{type(error).__name__}: {error}")
+        write_record(cfg, output_dir, start - clock.before, status="failed", metrics={},
+                     error=f"{type(error).__name__}: {error}")
         raise
 
 
@@ -344,6 +348,7 @@ def quiet_third_party() -> None:
 def build_run(
     cfg: DictConfig, output_dir: Path, resumed_step: int = 0, fresh: bool = True,
     datamodule=None, model: CategoricalVAE | None = None, extra_trainer: dict | None = None,
+    wall_clock: WallClock | None = None,
 ) -> tuple[L.LightningDataModule, CategoricalVAE, L.Trainer]:
     """The datamodule (splits loaded), the model and the Trainer of a run, as scripts/train.py
     builds them (scripts/benchmark_fit.py times exactly these)."""
@@ -355,7 +360,7 @@ def build_run(
     model.run_choices = summary["choices"]
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks += [ValidateAtLastStep(), WallClock()]
+    callbacks += [ValidateAtLastStep(), wall_clock or WallClock()]
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
@@ -370,7 +375,7 @@ def build_run(
     return datamodule, model, trainer
 
 
-def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
+def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, clock: WallClock) -> dict[str, Any]:
     quiet_third_party()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     set_num_threads(cfg)
@@ -388,14 +393,13 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
         del checkpoint
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
     datamodule, model, trainer = build_run(cfg, output_dir, resumed_step=resumed_step, fresh=ckpt_path is None,
-                                           datamodule=datamodule, model=model)
+                                           datamodule=datamodule, model=model, wall_clock=clock)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         stopped_by_sigterm(trainer, resumed_step)
     if trainer.interrupted:
         raise KeyboardInterrupt
-    start -= sum(c.before for c in trainer.callbacks if isinstance(c, WallClock))  # earlier processes' time
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
     metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
     if cfg.get("test", True):
@@ -405,7 +409,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str) 
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
     record = write_record(
-        cfg, output_dir, start, status="finished", metrics=metrics, steps=trainer.global_step,
+        cfg, output_dir, start - clock.before, status="finished", metrics=metrics, steps=trainer.global_step,
         best_checkpoint=best or None, resumed_from_step=resumed_step or None,
     )
     log.info("metrics: %s", json.dumps(record["metrics"]))

@@ -1,8 +1,8 @@
 """Test helpers (not a test module): callbacks that tests add to scripts/train.py runs with
 `+callbacks.NAME={_target_:probes.CLASS,...}` (tests put this folder on PYTHONPATH).
 
-- `KillOnce` `kill -9`s its own process at a given step, once per run folder, so that a test
-  can interrupt a run, or one job of a sweep, for real;
+- `KillOnce` `kill -9`s (or signals) its own process at a given step, once per run folder, so
+  that a test can interrupt a run, or one job of a sweep, for real;
 - `RecordRows` writes, per rank, a hash of every training image the rank trained on."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 
 class KillOnce(L.Callback):
-    """SIGKILL at `trainer.global_step == step` unless $KILL_ONCE_DIR already holds this run's marker;
-    `only` limits it to runs of that estimator class."""
+    """SIGKILL (or `sig`, e.g. SIGTERM) at `trainer.global_step == step` unless $KILL_ONCE_DIR already
+    holds this run's marker; `only` limits it to runs of that estimator class."""
 
     def __init__(self, step: int, only: str | None = None, sig: str = "SIGKILL"):
         self.step, self.only, self.sig = step, only, getattr(signal, sig)

@@ -33,8 +33,8 @@ def train(args, data_root, tmp_path, check=True, script="scripts/train.py"):
     return proc
 
 
-def kill_at(step, only=None):
-    extra = f",only:{only}" if only else ""
+def kill_at(step, only=None, sig=None):
+    extra = (f",only:{only}" if only else "") + (f",sig:{sig}" if sig else "")
     return f"+callbacks.kill={{_target_:probes.KillOnce,step:{step}{extra}}}"
 
 
@@ -190,8 +190,7 @@ def test_sigterm_ends_with_status_143_and_the_run_resumes_exactly(data_root, tmp
             "trainer.log_every_n_steps=5", "seed=3", *QUICK]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train([*full, f"hydra.run.dir={straight}"], data_root, tmp_path)
-    term = f"+callbacks.kill={{_target_:probes.KillOnce,step:13,sig:SIGTERM}}"
-    proc = train([*full, term, f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+    proc = train([*full, kill_at(13, sig="SIGTERM"), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
     assert proc.returncode == 143, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "stopped by SIGTERM at step 13" in out and "last.ckpt holds step 10" in out, out[-2000:]

@@ -20,6 +20,7 @@ Data must be local: point DISCRETE_VAE_DATA (or data.root=...) at it.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ from hydra.utils import instantiate
 
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import describe_device
+from discrete_vae.model import NVML_CHECK
 from discrete_vae.training import build_model, build_run, quiet_third_party
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -105,11 +107,19 @@ def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
 
 
 def _timed(fn, device) -> float:
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Seconds of fn(), run as it would run in a script that never imported Lightning: Lightning's
+    import sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which costs a plain loop on a CPU ~70 us a step in
+    Adam's torch.cuda.is_available() (our fit switches it off itself: CategoricalVAE.on_fit_start)."""
+    saved = os.environ.pop(NVML_CHECK, None)
+    try:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    finally:
+        if saved is not None:
+            os.environ[NVML_CHECK] = saved
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data location, and the tiny estimator problem (N=2, K=3)."""
+"""Shared fixtures: the real data location, and the tiny estimator problem (N=2, K=3); the `gpu` marker's skip."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where torch sees a CUDA device, and are skipped (visibly, -ra) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device, and torch sees none here: run pytest on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def shared_data_root() -> Path:

@@ -348,10 +348,11 @@ def quiet_third_party() -> None:
 def build_run(
     cfg: DictConfig, output_dir: Path, resumed_step: int = 0, fresh: bool = True,
     datamodule=None, model: CategoricalVAE | None = None, extra_trainer: dict | None = None,
-    wall_clock: WallClock | None = None,
+    wall_clock: WallClock | None = None, earlier_attempt: bool = False,
 ) -> tuple[L.LightningDataModule, CategoricalVAE, L.Trainer]:
     """The datamodule (splits loaded), the model and the Trainer of a run, as scripts/train.py
-    builds them (scripts/benchmark_fit.py times exactly these)."""
+    builds them (scripts/benchmark_fit.py times exactly these). `earlier_attempt`: a fresh start
+    in a folder where a killed attempt left TensorBoard events, which are then purged."""
     datamodule = datamodule if datamodule is not None else instantiate(cfg.data)
     model = model if model is not None else build_model(cfg)
     datamodule.load_splits()  # missing or corrupt data fails here, before any run output
@@ -364,7 +365,9 @@ def build_run(
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
-        logger = instantiate(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
+        # (all of them after a fresh start over an attempt that never reached a last.ckpt)
+        purge = resumed_step if resumed_step else (0 if earlier_attempt else None)
+        logger = instantiate(cfg.logger, **({"purge_step": purge} if purge is not None else {}))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir), **(extra_trainer or {})
     )
@@ -392,8 +395,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
         resumed_step = int(checkpoint.get("global_step", 0))
         del checkpoint
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
+    earlier_attempt = ckpt_path is None and resume == "auto" and clear_earlier_attempt(output_dir)
     datamodule, model, trainer = build_run(cfg, output_dir, resumed_step=resumed_step, fresh=ckpt_path is None,
-                                           datamodule=datamodule, model=model, wall_clock=clock)
+                                           datamodule=datamodule, model=model, wall_clock=clock,
+                                           earlier_attempt=earlier_attempt)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
@@ -414,6 +419,22 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     )
     log.info("metrics: %s", json.dumps(record["metrics"]))
     return record
+
+
+def clear_earlier_attempt(output_dir: Path) -> bool:
+    """A run folder with no last.ckpt but files of an earlier attempt (killed before its first
+    last.ckpt) starts afresh: that attempt's best-*.ckpt are deleted, so that the folder holds only
+    this run's checkpoints, and it tells build_run to purge that attempt's TensorBoard events.
+    Rank zero only (the other ranks' folders are never written)."""
+    if _rank() != 0:
+        return False
+    stale = sorted((output_dir / "checkpoints").glob("*.ckpt"))
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",
+                    ", ".join(p.name for p in stale))
+    return bool(stale) or any(output_dir.glob("events.out.tfevents.*"))
 
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM

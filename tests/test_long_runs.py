@@ -224,3 +224,20 @@ def test_one_process_per_run_folder(data_root, tmp_path):
         pass
     train(["trainer.max_steps=2", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data_root, tmp_path):
+    # last.ckpt only every 25 steps: the kill at step 12 comes after the best checkpoint of step 10
+    args = [*SHORT, "callbacks.latest.every_n_train_steps=25"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train([*args, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    proc = train([*args, kill_at(12), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in (broken / "checkpoints").iterdir()] == ["best-step10.ckpt"]
+
+    proc = train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
+    assert "removed best-step10.ckpt of an earlier attempt" in proc.stderr + proc.stdout
+    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
+    assert names(broken) == names(straight)  # no stale file, and no "-v1" beside a name already taken
+    for tag in ("train/loss", "val/neg_elbo"):  # one trajectory: the attempt's events are purged
+        assert scalars(straight, tag) == scalars(broken, tag), tag

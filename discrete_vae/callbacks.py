@@ -275,7 +275,10 @@ class WallClock(L.Callback):
         return {"elapsed_s": self.elapsed()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.before = float(state_dict.get("elapsed_s", 0.0))
+        """Only the restore of a resumed fit, which comes before on_fit_start: `trainer.test` of the
+        best checkpoint restores the callbacks too, and that checkpoint's time is not this run's."""
+        if self._started is None:
+            self.before = float(state_dict.get("elapsed_s", 0.0))
 
 
 class LatestCheckpoint(ModelCheckpoint):

@@ -111,6 +111,8 @@ def test_wall_clock_carries_the_time_of_earlier_processes():
     clock.load_state_dict({"elapsed_s": 100.0})  # a resume: 100 s before the checkpoint
     clock.on_fit_start(None, None)
     assert clock.before == 100.0 and clock.state_dict()["elapsed_s"] >= 100.0
+    clock.load_state_dict({"elapsed_s": 5000.0})  # trainer.test restoring the best checkpoint's callbacks
+    assert clock.before == 100.0, "the tested checkpoint's time was added to the run's"
     fresh = WallClock()
     fresh.load_state_dict({})  # a checkpoint written before the clock existed
     assert fresh.before == 0.0

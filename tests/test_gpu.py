@@ -69,8 +69,8 @@ def test_a_run_trains_tests_and_evaluates_on_the_gpu(data_root, tmp_path):
     assert record["machine"]["gpu"], record["machine"]
     assert all(v == v and abs(v) < 1e4 for v in record["metrics"].values()), record["metrics"]
     ckpt = run / "checkpoints" / "last.ckpt"
-    train([f"ckpt_path={ckpt}", "num_samples=20", "device=cuda", "batch_size=100", "limit_batches=2"], data_root, tmp_path,
-          script="scripts/evaluate.py")  # fmt: skip
+    evaluate = [f"ckpt_path={ckpt}", "num_samples=20", "device=cuda", "batch_size=100", "limit_batches=2"]
+    train(evaluate, data_root, tmp_path, script="scripts/evaluate.py")
     evaluation = json.loads((run / "checkpoints" / "last_eval_test.json").read_text())
     assert evaluation["device"].startswith("cuda") and evaluation["metrics"]["nll_iwae"] > 0
 

@@ -423,13 +423,16 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
 
 def clear_earlier_attempt(output_dir: Path) -> bool:
     """A run folder with no last.ckpt but files of an earlier attempt (killed before its first
-    last.ckpt) starts afresh: that attempt's best-*.ckpt are deleted, so that the folder holds only
-    this run's checkpoints, and it tells build_run to purge that attempt's TensorBoard events.
-    Rank zero only (the other ranks' folders are never written)."""
+    last.ckpt) starts afresh: that attempt's checkpoints (any *.ckpt: with no last.ckpt there is
+    nothing to resume) and the scripts/evaluate.py results beside them are deleted, so that the
+    folder holds only this run's, and it tells build_run to purge that attempt's TensorBoard events.
+    Rank zero only (the other ranks write no files)."""
     if _rank() != 0:
         return False
     stale = sorted((output_dir / "checkpoints").glob("*.ckpt"))
     for path in stale:
+        for evaluation in path.parent.glob(f"{path.stem}_eval_*.json"):
+            evaluation.unlink()
         path.unlink()
     if stale:
         log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",

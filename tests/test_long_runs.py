@@ -234,6 +234,7 @@ def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data
     proc = train([*args, kill_at(12), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in (broken / "checkpoints").iterdir()] == ["best-step10.ckpt"]
+    (broken / "checkpoints" / "best-step10_eval_test.json").write_text("{}")  # as scripts/evaluate.py writes
 
     proc = train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
     assert "removed best-step10.ckpt of an earlier attempt" in proc.stderr + proc.stdout

@@ -74,7 +74,13 @@ def build_estimators(cfg: DictConfig, num_latents: int, num_categories: int, dev
             print(f"note: skipping estimator {name}: {err}")
             continue
         if cfg.temperature is not None and isinstance(estimator, TemperatureEstimator):
-            estimator.tau.fill_(float(cfg.temperature))
+            tau = float(cfg.temperature)
+            if estimator.tau_min is not None and tau < estimator.tau_min:  # as training would: never below it
+                notes.append(f"{name}: tau = {estimator.tau_min:g}, its floor tau_min, not temperature={tau:g} "
+                             f"(+estimator_options.{name}.tau_min=null lifts it)")
+                print(f"note: {notes[-1]}")
+                tau = estimator.tau_min
+            estimator.tau.fill_(tau)
         chosen.append((name, estimator))
     return chosen, notes
 
@@ -170,7 +176,7 @@ def study(cfg: DictConfig) -> list[dict]:
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
         f"gradient of the training loss w.r.t. the encoder parameters",
         f"reference: {reference.describe()}",
-        f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all'}"
+        f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all, above their floors'}"
         + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else ""),
         f"device: {describe_device(device)}; torch {torch.__version__}",
         *notes,

@@ -199,9 +199,10 @@ def test_gradient_study_script_end_to_end(tmp_path, data_root):
     assert "skipping estimator exact" in result.stdout
     table = (out / "gradient_study.md").read_text()
     assert "mean of 20 RLOO estimates" in table and "tau = 0.7 for all" in table
+    assert "reinmax: tau = 1.3, its floor tau_min, not temperature=0.7" in result.stdout + table
     with open(out / "gradient_study.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["estimator"] for r in rows] == ["sf", "rloo", "gumbel_rao", "reinmax"]
-    assert {r["tau"] for r in rows} == {"-", "0.7"}
+    assert [r["tau"] for r in rows] == ["-", "-", "0.7", "1.3"]  # reinmax keeps its floor, as in training
     assert all(float(r["variance"]) > 0 and float(r["reference_se"]) > 0 for r in rows)
     assert (out / "gradient_study.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 """Gradient diagnostics (discrete_vae.diagnostics), the GradientStats callback, and
 scripts/gradient_study.py end to end, on a tiny model (N=2, K=3, one hidden layer of 32)."""
 
+import copy
 import csv
 import math
 import os
@@ -206,3 +207,36 @@ def test_gradient_study_script_end_to_end(tmp_path, data_root):
     assert [r["tau"] for r in rows] == ["-", "-", "0.7", "1.3"]  # reinmax keeps its floor, as in training
     assert all(float(r["variance"]) > 0 and float(r["reference_se"]) > 0 for r in rows)
     assert (out / "gradient_study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class Snapshot(L.Callback):
+    """Keeps a copy of the model and the global RNG state as step `step` starts (runs before
+    GradientStats: callbacks run in list order)."""
+
+    def __init__(self, step):
+        self.step, self.model, self.rng = step, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            self.model, self.rng = copy.deepcopy(pl_module), torch.get_rng_state()
+
+
+def test_grad_stats_logs_the_diagnostics_of_the_weights_at_its_step(tmp_path):
+    """The logged values are gradient_diagnostics of the model as it is at that step (not the
+    initial one, not the previous step's), on the held-out batch: recomputed here from a snapshot."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    snapshot = Snapshot(step=4)
+    stats = GradientStats(every_n_steps=2, num_estimates=8, batch_size=20)
+    _, logdir = fit(tmp_path, [snapshot, stats], "snap")
+    torch.set_rng_state(snapshot.rng)
+    expected = D.gradient_diagnostics(
+        snapshot.model, stats.batch, snapshot.model.estimator, 8, timing_repeats=0,
+        reference_options=stats.reference_options,
+    )
+    events = EventAccumulator(str(logdir)).Reload()
+    logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in ("grad/variance", "grad/bias", "grad/cosine")}
+    assert logged["grad/variance"][4] == pytest.approx(expected.variance, rel=1e-5)
+    assert logged["grad/bias"][4] == pytest.approx(expected.bias, rel=1e-5)
+    assert logged["grad/cosine"][4] == pytest.approx(expected.cosine, rel=1e-5)
+    assert logged["grad/variance"][0] != pytest.approx(expected.variance, rel=1e-3)  # the weights moved

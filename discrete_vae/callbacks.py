@@ -4,7 +4,8 @@ The schedule is a pure function of the global step, so a resumed run continues i
 exactly: the callback recomputes tau from `trainer.global_step` before every batch.
 `GradientStats` runs discrete_vae.diagnostics on a held-out batch every n steps and logs
 the gradient's variance, bias, cosine and SNR, without changing the training trajectory.
-For long runs: `LatestCheckpoint` (last.ckpt every N steps, for exact resume),
+For long runs: `LatestCheckpoint` (last.ckpt every N steps, for exact resume), `BestCheckpoint`
+(the best weights; both also across a resume from a run folder that has moved),
 `DivergenceGuard` (stops a run whose loss is no longer finite) and `ValidateAtLastStep`
 (a run stopped mid-epoch still ends validated).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -281,15 +283,103 @@ class WallClock(L.Callback):
             self.before = float(state_dict.get("elapsed_s", 0.0))
 
 
-class LatestCheckpoint(ModelCheckpoint):
+class _FollowsItsFolder(ModelCheckpoint):
+    """A ModelCheckpoint whose record of its files (the best k, last.ckpt) survives a resume from a
+    run folder that has moved since the checkpoint was written (another machine, mount point or
+    user; a sweep carried between machines).
+
+    Lightning restores that record only when the checkpoint's `dirpath` is the current one. Else
+    it keeps the old `best_model_path` alone: the resumed run forgets the earlier best score and
+    keeps the best *since the resume*, leaves the earlier best file beside the new one (Lightning
+    issue #18687), and writes `last-v1.ckpt` beside the `last.ckpt` it resumed from. Here the
+    stored paths are first moved onto the current folder; files that are not there are dropped
+    from the record, and the best and k-th are those of the files kept.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and Path(old) != Path(self.dirpath):
+            state_dict = self._rebased(state_dict, Path(old), Path(self.dirpath))
+        super().load_state_dict(state_dict)
+
+    def _rebased(self, state: dict, old: Path, new: Path) -> dict:
+        def move(path: str) -> str:
+            try:
+                return str(new / Path(path).relative_to(old)) if path else path
+            except ValueError:  # not under the old folder: left as it is
+                return path
+
+        best_k = {move(p): score for p, score in state.get("best_k_models", {}).items()}
+        best_k = {p: score for p, score in best_k.items() if Path(p).is_file()}
+        state = {**state, "dirpath": str(new), "best_k_models": best_k}
+        if best_k:  # Lightning's bookkeeping: the best, and the k-th (the next to go)
+            better, worse = (min, max) if self.mode == "min" else (max, min)
+            best, kth = better(best_k, key=best_k.get), worse(best_k, key=best_k.get)
+            state.update(best_model_path=best, best_model_score=best_k[best], kth_best_model_path=kth,
+                         kth_value=best_k[kth])
+        else:
+            inf = torch.tensor(math.inf if self.mode == "min" else -math.inf)
+            state.update(best_model_path="", best_model_score=None, kth_best_model_path="", kth_value=inf)
+        last = move(state.get("last_model_path", ""))
+        state["last_model_path"] = last if last and Path(last).is_file() else ""
+        return state
+
+
+class BestCheckpoint(_FollowsItsFolder):
+    """Lightning's ModelCheckpoint (the best `save_top_k` checkpoints by `monitor`), also across a
+    resume from a moved run folder (`_FollowsItsFolder`). It records and saves at
+    on_validation_end (Lightning's default for validation at an epoch's end is
+    on_train_epoch_end), so that `LatestCheckpoint`, acting there after it, saves a state that
+    knows the validation's result. Its state key is ModelCheckpoint's, so the checkpoints of runs
+    that used Lightning's class resume into this one."""
+
+    def __init__(self, *args, save_on_train_epoch_end: bool | None = False, **kwargs):
+        super().__init__(*args, save_on_train_epoch_end=save_on_train_epoch_end, **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+
+def validates_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit loop validates right after the training batch that has just ended (an
+    epoch's end, val_check_interval, a requested stop): Lightning's own rule, asked in
+    on_train_batch_end."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
+class LatestCheckpoint(_FollowsItsFolder):
     """`last.ckpt`: the whole training state (weights, optimizer, estimator buffers, data position,
     callback states; the noise needs none, it is seeded per step) every `every_n_train_steps` steps
     and at the end of fit, so that a run killed at any moment resumes exactly from at most that
-    many steps back. It keeps no other checkpoint."""
+    many steps back. It keeps no other checkpoint.
+
+    A step followed by a validation (an epoch's end) is saved after that validation, and after
+    `BestCheckpoint` has recorded its result (both act at on_validation_end, in list order:
+    `checkpoint` comes before `latest` in the config), not before: Lightning does not repeat the
+    validation of a step it resumes from, so a checkpoint taken before it would resume with that
+    validation lost, and with a best-checkpoint record that does not know its result. (Not at
+    on_train_epoch_end, where Lightning's ModelCheckpoint saves by default: from there Lightning
+    resumes without restoring the data loader's position.)"""
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 1000):
         require_number("callbacks.latest.every_n_train_steps", every_n_train_steps, positive=True, integer=True)
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
+        self._after_validation: int | None = None  # the step whose save waits for its validation
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self._every_n_train_steps == 0 and validates_after_this_batch(trainer):
+            self._after_validation = trainer.global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation == trainer.global_step and not trainer.sanity_checking:
+            self._after_validation = None
+            if self.saved_step != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def saved_step(self) -> int:

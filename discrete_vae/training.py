@@ -393,6 +393,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
         checkpoint = read_checkpoint(ckpt_path)
         check_checkpoint_fits(checkpoint, cfg, ckpt_path)
         resumed_step = int(checkpoint.get("global_step", 0))
+        if Path(ckpt_path).resolve() == (output_dir / "checkpoints" / "last.ckpt").resolve():
+            clear_past_the_checkpoint(output_dir, checkpoint)
         del checkpoint
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
     earlier_attempt = ckpt_path is None and resume == "auto" and clear_earlier_attempt(output_dir)
@@ -438,6 +440,31 @@ def clear_earlier_attempt(output_dir: Path) -> bool:
         log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",
                     ", ".join(p.name for p in stale))
     return bool(stale) or any(output_dir.glob("events.out.tfevents.*"))
+
+
+def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
+    """Resuming a run from its own last.ckpt: the checkpoints that the stopped process wrote after
+    that last.ckpt (the best checkpoint of a later validation) are not in the record the resumed
+    run restores, so it would never replace or delete them, and would write "-v1" names beside
+    them when it reaches the same steps. They are deleted (with their scripts/evaluate.py
+    results): the folder is then as it was at the checkpoint, and the resumed run rewrites them.
+    Returns the names deleted. Rank zero only."""
+    if _rank() != 0:
+        return []
+    known = {"last.ckpt"}
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict):
+            paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+            known.update(Path(p).name for p in [*paths, *(state.get("best_k_models") or {})] if p)
+    stale = [p for p in sorted((output_dir / "checkpoints").glob("*.ckpt")) if p.name not in known]
+    for path in stale:
+        for evaluation in path.parent.glob(f"{path.stem}_eval_*.json"):
+            evaluation.unlink()
+        path.unlink()
+    if stale:
+        log.warning("removed %s, written after the checkpoint this run resumes from (it writes them again)",
+                    ", ".join(p.name for p in stale))
+    return [p.name for p in stale]
 
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM

@@ -116,3 +116,30 @@ def test_wall_clock_carries_the_time_of_earlier_processes():
     fresh = WallClock()
     fresh.load_state_dict({})  # a checkpoint written before the clock existed
     assert fresh.before == 0.0
+
+
+def test_best_checkpoint_record_follows_a_moved_folder(tmp_path):
+    """The stored paths are moved onto the current folder; files not there are dropped, and the
+    best and k-th are those of the files kept. Lightning's class forgets the whole record."""
+    from discrete_vae.callbacks import BestCheckpoint
+
+    old, new = "/elsewhere/run/checkpoints", tmp_path / "checkpoints"
+    new.mkdir()
+    for name in ("best-step10.ckpt", "best-step20.ckpt"):
+        (new / name).touch()  # best-step30 did not come along
+    state = {
+        "dirpath": old, "best_model_path": f"{old}/best-step30.ckpt", "best_model_score": torch.tensor(1.0),
+        "kth_best_model_path": f"{old}/best-step10.ckpt", "kth_value": torch.tensor(3.0),
+        "last_model_path": "", "current_score": torch.tensor(1.0), "monitor": "val/neg_elbo",
+        "best_k_models": {f"{old}/best-step{s}.ckpt": torch.tensor(v) for s, v in ((10, 3.0), (20, 2.0), (30, 1.0))},
+    }
+    callback = BestCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
+    assert callback.state_key.startswith("ModelCheckpoint{")  # checkpoints of Lightning's class resume into it
+    callback.load_state_dict(state)
+    assert set(callback.best_k_models) == {str(new / "best-step10.ckpt"), str(new / "best-step20.ckpt")}
+    assert callback.best_model_path == str(new / "best-step20.ckpt") and callback.best_model_score == 2.0
+    assert callback.kth_best_model_path == str(new / "best-step10.ckpt") and callback.kth_value == 3.0
+
+    unmoved = BestCheckpoint(dirpath=old, monitor="val/neg_elbo", mode="min", save_top_k=3)
+    unmoved.load_state_dict(state)  # same folder: Lightning's restore, untouched
+    assert unmoved.best_model_path == f"{old}/best-step30.ckpt" and len(unmoved.best_k_models) == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,19 +52,27 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
 
-    # killed at step 6 (resumes from step 4, mid-epoch), then at 22 (from 20, an epoch's end)
-    for step in (6, 22):
+    # killed at step 11 (resumes from step 8, mid-epoch, with the best checkpoint of step 10 written
+    # past it), then at 22 (from 20, an epoch's end)
+    for step in (11, 22):
         proc = train([*SHORT, kill_at(step), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
         assert proc.returncode == -9, proc.stderr[-2000:]
         assert not (broken / "metrics.json").exists()
+    # last.ckpt of step 20, an epoch's end, was written after that step's validation (Lightning does
+    # not repeat it on resume): its best-checkpoint record has the validation's result
+    states = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    best = next(v for k, v in states.items() if k.startswith("ModelCheckpoint"))
+    assert [Path(p).name for p in best["best_k_models"]] == ["best-step20.ckpt"]
     # the checkpoint carries the time spent up to it, and the resumed run's record counts it
-    before = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]["WallClock"]["elapsed_s"]
+    before = states["WallClock"]["elapsed_s"]
     assert before > 0
     proc = train([*SHORT, f"hydra.run.dir={broken}"], data_root, tmp_path)
     assert "resuming from" in proc.stdout and "(step 20)" in proc.stdout
 
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
+    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
+    assert names(broken) == names(straight), "a checkpoint of a killed process is left over, or a -v1 name"
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30
     assert rb["resumed_from_step"] == 20 and rb["wall_time_s"] > before
@@ -242,3 +251,22 @@ def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data
     assert names(broken) == names(straight)  # no stale file, and no "-v1" beside a name already taken
     for tag in ("train/loss", "val/neg_elbo"):  # one trajectory: the attempt's events are purged
         assert scalars(straight, tag) == scalars(broken, tag), tag
+
+
+def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(data_root, tmp_path):
+    """A killed run resumed from another place (a sweep carried to another machine): the best
+    checkpoint's record follows the folder, so the earlier best is replaced, not left beside the
+    new one and forgotten (Lightning keeps it only when the folder has not moved)."""
+    straight, broken, moved = tmp_path / "straight", tmp_path / "broken", tmp_path / "elsewhere" / "run"
+    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    proc = train([*SHORT, kill_at(22), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    moved.parent.mkdir()
+    shutil.move(broken, moved)
+
+    proc = train([*SHORT, f"hydra.run.dir={moved}"], data_root, tmp_path)
+    assert "(step 20)" in proc.stdout
+    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
+    assert names(moved) == names(straight)
+    ra, rm = (json.loads((d / "metrics.json").read_text()) for d in (straight, moved))
+    assert ra["metrics"] == rm["metrics"] and Path(rm["best_checkpoint"]).parent == moved / "checkpoints"

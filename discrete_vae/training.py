@@ -431,15 +431,22 @@ def clear_earlier_attempt(output_dir: Path) -> bool:
     Rank zero only (the other ranks write no files)."""
     if _rank() != 0:
         return False
-    stale = sorted((output_dir / "checkpoints").glob("*.ckpt"))
+    stale = remove_checkpoints(output_dir, keep=set())
+    if stale:
+        log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",
+                    ", ".join(stale))
+    return bool(stale) or any(output_dir.glob("events.out.tfevents.*"))
+
+
+def remove_checkpoints(output_dir: Path, keep: set[str]) -> list[str]:
+    """Deletes the run's checkpoints whose names are not in `keep`, with the scripts/evaluate.py
+    results beside them; returns the names deleted."""
+    stale = [p for p in sorted((output_dir / "checkpoints").glob("*.ckpt")) if p.name not in keep]
     for path in stale:
         for evaluation in path.parent.glob(f"{path.stem}_eval_*.json"):
             evaluation.unlink()
         path.unlink()
-    if stale:
-        log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",
-                    ", ".join(p.name for p in stale))
-    return bool(stale) or any(output_dir.glob("events.out.tfevents.*"))
+    return [p.name for p in stale]
 
 
 def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
@@ -456,15 +463,11 @@ def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
         if isinstance(state, dict):
             paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
             known.update(Path(p).name for p in [*paths, *(state.get("best_k_models") or {})] if p)
-    stale = [p for p in sorted((output_dir / "checkpoints").glob("*.ckpt")) if p.name not in known]
-    for path in stale:
-        for evaluation in path.parent.glob(f"{path.stem}_eval_*.json"):
-            evaluation.unlink()
-        path.unlink()
+    stale = remove_checkpoints(output_dir, keep=known)
     if stale:
         log.warning("removed %s, written after the checkpoint this run resumes from (it writes them again)",
-                    ", ".join(p.name for p in stale))
-    return [p.name for p in stale]
+                    ", ".join(stale))
+    return stale
 
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -62,6 +63,11 @@ class Batches:
     datamodule calls `advance(epoch_length)` when a batch reaches the step. Iterated without
     a trainer (no `advance`), each full pass is the next epoch.
 
+    `epoch_clock` (the datamodule passes the trainer's current epoch) names the epoch an
+    iteration from an epoch's start serves: Lightning restores the position from a checkpoint
+    taken inside an epoch (last.ckpt), but not from one taken at its end (ModelCheckpoint's
+    default, on_train_epoch_end), after which the resumed run would replay epoch 0's order.
+
     Under DDP rank r of `world_size` takes the r-th contiguous share of the one shared
     permutation (of the rows in order, for evaluation): disjoint shares that together cover
     the epoch (when the rows do not divide evenly the last few are left out, so every rank
@@ -70,10 +76,10 @@ class Batches:
 
     def __init__(
         self, data: Tensor, batch_size: int, shuffle: bool, binarize: bool = False,
-        seed: int = 0, rank: int = 0, world_size: int = 1,
+        seed: int = 0, rank: int = 0, world_size: int = 1, epoch_clock: Callable[[], int] | None = None,
     ):
         self.data, self.batch_size, self.shuffle, self.binarize = data, batch_size, shuffle, binarize
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.epoch_clock = seed, rank, world_size, epoch_clock
         self.epoch, self.consumed = 0, 0  # the epoch in progress, batches of it consumed
         self._tracked = False  # whether a trainer reports consumption through `advance`
 
@@ -98,6 +104,8 @@ class Batches:
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def __iter__(self):
+        if self.epoch_clock is not None and self.consumed == 0:
+            self.epoch = self.epoch_clock()
         yield from self._batches(self.epoch, self.consumed)  # read when iteration begins
         if not self._tracked:
             self.epoch += 1
@@ -262,9 +270,12 @@ class _TensorDataModule(L.LightningDataModule):
     def train_dataloader(self):
         self._train_batches = Batches(
             self.splits["train"], self.batch_size, shuffle=True, binarize=self.binarize_train,
-            seed=self.seed, **self._shard(),
+            seed=self.seed, epoch_clock=self._current_epoch if self.trainer is not None else None, **self._shard(),
         )
         return self._train_batches
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch
 
     def val_dataloader(self):
         return Batches(self.splits["val"], self.eval_batch_size, shuffle=False, **self._shard())

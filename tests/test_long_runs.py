@@ -270,3 +270,18 @@ def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(data_roo
     assert names(moved) == names(straight)
     ra, rm = (json.loads((d / "metrics.json").read_text()) for d in (straight, moved))
     assert ra["metrics"] == rm["metrics"] and Path(rm["best_checkpoint"]).parent == moved / "checkpoints"
+
+
+def test_a_resume_from_an_epoch_end_checkpoint_is_exact(data_root, tmp_path):
+    """Lightning's own ModelCheckpoint saves at an epoch's end by default, and Lightning resumes
+    from there without restoring the data position: the epoch's order comes from the trainer."""
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    every_epoch = ("+callbacks.epochs={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
+                   "save_top_k:-1,every_n_epochs:1,filename:'{epoch}'}")
+    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    train([*SHORT, every_epoch, f"hydra.run.dir={first}"], data_root, tmp_path)
+    saved = first / "checkpoints" / "epoch=1.ckpt"
+    assert torch.load(saved, weights_only=False)["global_step"] == 20
+    train([*SHORT, f"ckpt_path={saved}", f"hydra.run.dir={resumed}"], data_root, tmp_path)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming from an epoch's end"

@@ -176,7 +176,7 @@ def study(cfg: DictConfig) -> list[dict]:
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
         f"gradient of the training loss w.r.t. the encoder parameters",
         f"reference: {reference.describe()}",
-        f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all, above their floors'}"
+        f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all (none below its floor tau_min)'}"
         + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else ""),
         f"device: {describe_device(device)}; torch {torch.__version__}",
         *notes,

@@ -379,10 +379,9 @@ class LatestCheckpoint(_FollowsItsFolder):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._after_validation == trainer.global_step and not trainer.sanity_checking:
+        if self._after_validation == trainer.global_step and not self._should_skip_saving_checkpoint(trainer):
             self._after_validation = None
-            if self.saved_step != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     @property
     def saved_step(self) -> int:

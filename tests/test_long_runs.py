@@ -43,6 +43,10 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+def checkpoint_names(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
 def scalars(run_dir, tag):
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
@@ -71,8 +75,7 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
 
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
-    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
-    assert names(broken) == names(straight), "a checkpoint of a killed process is left over, or a -v1 name"
+    assert checkpoint_names(broken) == checkpoint_names(straight), "a checkpoint of a killed process is left over, or a -v1 name"
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30
     assert rb["resumed_from_step"] == 20 and rb["wall_time_s"] > before
@@ -242,13 +245,12 @@ def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data
     train([*args, f"hydra.run.dir={straight}"], data_root, tmp_path)
     proc = train([*args, kill_at(12), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [p.name for p in (broken / "checkpoints").iterdir()] == ["best-step10.ckpt"]
+    assert checkpoint_names(broken) == ["best-step10.ckpt"]
     (broken / "checkpoints" / "best-step10_eval_test.json").write_text("{}")  # as scripts/evaluate.py writes
 
     proc = train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
     assert "removed best-step10.ckpt of an earlier attempt" in proc.stderr + proc.stdout
-    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
-    assert names(broken) == names(straight)  # no stale file, and no "-v1" beside a name already taken
+    assert checkpoint_names(broken) == checkpoint_names(straight)  # no stale file, and no "-v1" beside a name already taken
     for tag in ("train/loss", "val/neg_elbo"):  # one trajectory: the attempt's events are purged
         assert scalars(straight, tag) == scalars(broken, tag), tag
 
@@ -266,8 +268,7 @@ def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(data_roo
 
     proc = train([*SHORT, f"hydra.run.dir={moved}"], data_root, tmp_path)
     assert "(step 20)" in proc.stdout
-    names = lambda d: sorted(p.name for p in (d / "checkpoints").iterdir())  # noqa: E731
-    assert names(moved) == names(straight)
+    assert checkpoint_names(moved) == checkpoint_names(straight)
     ra, rm = (json.loads((d / "metrics.json").read_text()) for d in (straight, moved))
     assert ra["metrics"] == rm["metrics"] and Path(rm["best_checkpoint"]).parent == moved / "checkpoints"
 

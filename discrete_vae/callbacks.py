@@ -296,6 +296,18 @@ class _FollowsItsFolder(ModelCheckpoint):
     from the record, and the best and k-th are those of the files kept.
     """
 
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key, built once (it names settings fixed at __init__): Lightning asks
+        every callback for its key at every hook of every step, for its profiler's label."""
+        key = self.__dict__.get("_state_key_once")
+        if key is None:
+            key = self.__dict__["_state_key_once"] = self._build_state_key()
+        return key
+
+    def _build_state_key(self) -> str:
+        return super().state_key
+
     def load_state_dict(self, state_dict: dict) -> None:
         old = state_dict.get("dirpath")
         if old and self.dirpath and Path(old) != Path(self.dirpath):
@@ -336,9 +348,8 @@ class BestCheckpoint(_FollowsItsFolder):
     def __init__(self, *args, save_on_train_epoch_end: bool | None = False, **kwargs):
         super().__init__(*args, save_on_train_epoch_end=save_on_train_epoch_end, **kwargs)
 
-    @property
-    def state_key(self) -> str:
-        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+    def _build_state_key(self) -> str:
+        return "ModelCheckpoint" + super()._build_state_key()[len(type(self).__qualname__):]
 
 
 def validates_after_this_batch(trainer: L.Trainer) -> bool:

@@ -5,6 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from discrete_vae import estimators as E
 from discrete_vae.callbacks import TemperatureAnnealing, temperature_schedule
@@ -134,7 +135,8 @@ def test_best_checkpoint_record_follows_a_moved_folder(tmp_path):
         "best_k_models": {f"{old}/best-step{s}.ckpt": torch.tensor(v) for s, v in ((10, 3.0), (20, 2.0), (30, 1.0))},
     }
     callback = BestCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
-    assert callback.state_key.startswith("ModelCheckpoint{")  # checkpoints of Lightning's class resume into it
+    twin = ModelCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
+    assert callback.state_key == twin.state_key  # checkpoints of Lightning's class resume into it (key built once)
     callback.load_state_dict(state)
     assert set(callback.best_k_models) == {str(new / "best-step10.ckpt"), str(new / "best-step20.ckpt")}
     assert callback.best_model_path == str(new / "best-step20.ckpt") and callback.best_model_score == 2.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -296,14 +297,11 @@ class _FollowsItsFolder(ModelCheckpoint):
     from the record, and the best and k-th are those of the files kept.
     """
 
-    @property
+    @cached_property
     def state_key(self) -> str:
         """ModelCheckpoint's key, built once (it names settings fixed at __init__): Lightning asks
         every callback for its key at every hook of every step, for its profiler's label."""
-        key = self.__dict__.get("_state_key_once")
-        if key is None:
-            key = self.__dict__["_state_key_once"] = self._build_state_key()
-        return key
+        return self._build_state_key()
 
     def _build_state_key(self) -> str:
         return super().state_key

@@ -54,11 +54,7 @@ def compose_run(overrides: list[str], output_dir: Path):
 def time_fit(cfg, output_dir: Path, epochs: int) -> tuple[float, int]:
     """Seconds of `trainer.fit` for `epochs` epochs, and the images trained on."""
     datamodule, model, trainer = build_run(cfg, output_dir, extra_trainer={"max_epochs": epochs, "max_steps": -1})
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    if trainer.strategy.root_device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, trainer.global_step * cfg.data.batch_size
+    return _timed_fit(trainer, model, datamodule, cfg.data.batch_size)
 
 
 def time_lightning(cfg, datamodule, epochs: int) -> tuple[float, int]:
@@ -69,11 +65,15 @@ def time_lightning(cfg, datamodule, epochs: int) -> tuple[float, int]:
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[],
     )
+    return _timed_fit(trainer, model, datamodule, cfg.data.batch_size)
+
+
+def _timed_fit(trainer, model, datamodule, batch_size: int) -> tuple[float, int]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, trainer.global_step * cfg.data.batch_size
+    return time.perf_counter() - start, trainer.global_step * batch_size
 
 
 def plain_epoch_loop(model, train, val, epochs, optimizer, batches) -> None:

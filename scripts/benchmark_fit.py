@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import describe_device
 from discrete_vae.model import NVML_CHECK
-from discrete_vae.training import build_model, build_run, quiet_third_party
+from discrete_vae.training import build_model, build_run, quiet_third_party, set_num_threads
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -143,7 +143,7 @@ def _timed(fn, device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three pipelines")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the pipelines")
     parser.add_argument("--skip-dataloader", action="store_true", help="leave the DataLoader pipeline out")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config, e.g. estimator=gumbel")
     args = parser.parse_args()
@@ -153,11 +153,12 @@ def main() -> None:
         overrides = normalize_overrides(["trainer.enable_progress_bar=false", *args.overrides], ("data.root",))
         cfg = compose_run(overrides, Path(tmp) / "run0")
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
-        splits = instantiate(cfg.data).load_splits()
+        set_num_threads(cfg)  # num_threads=..., as scripts/train.py applies it
+        datamodule = instantiate(cfg.data)
+        splits = datamodule.load_splits()
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
         print(f"device: {describe_device(device)}, torch {torch.__version__}, batch {cfg.data.batch_size}, "
               f"{args.epochs} epoch(s) per measurement, {args.rounds} interleaved rounds, overrides: {args.overrides}")
-        datamodule = instantiate(cfg.data)
         results: dict[str, list[float]] = {"fit": [], "plain": [], "lightning": [], "dataloader": []}
         for r in range(args.rounds):
             torch.manual_seed(r)

@@ -136,7 +136,7 @@ def test_best_checkpoint_record_follows_a_moved_folder(tmp_path):
     }
     callback = BestCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
     twin = ModelCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
-    assert callback.state_key == twin.state_key  # checkpoints of Lightning's class resume into it (key built once)
+    assert callback.state_key == twin.state_key  # checkpoints of Lightning's class resume into it
     callback.load_state_dict(state)
     assert set(callback.best_k_models) == {str(new / "best-step10.ckpt"), str(new / "best-step20.ckpt")}
     assert callback.best_model_path == str(new / "best-step20.ckpt") and callback.best_model_score == 2.0

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
-
 import torch
 
 from discrete_vae.errors import ConfigError
+from discrete_vae.records import cpu_name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,14 +23,4 @@ def describe_device(device: torch.device) -> str:
     """The GPU's name, or the CPU model, core count and torch threads, for reports of timings."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({_cpu_name()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return f"CPU ({cpu_name()}), {torch.get_num_threads()} torch threads"

@@ -4,8 +4,8 @@ For one model, one batch x and one estimator, `gradient_diagnostics` draws M ind
 estimates of the gradient of the training objective with respect to the ENCODER parameters
 (where the estimators differ: through the discrete sample; the decoder's gradient is an
 ordinary Monte-Carlo gradient at the sampled z) and compares them with a reference gradient. The objective is the one
-training minimises, `model._estimate(x).loss`: the batch mean of the estimator's surrogate
-plus the analytic KL. The KL part is deterministic, so it cancels in the variance but it is
+training minimises, `VAE.objective(x, estimator).loss`: the batch mean of the estimator's
+surrogate plus the analytic KL. The KL part is deterministic, so it cancels in the variance but it is
 part of the mean, the bias and the cosine, for the estimates and the reference alike.
 
 Statistics (g_1..g_M the flattened estimates, r the reference, P parameters):
@@ -18,17 +18,18 @@ Statistics (g_1..g_M the flattened estimates, r the reference, P parameters):
   estimator's forward and the backward to the encoder), the minimum over a few repetitions
   (the one least disturbed by other work on the machine).
 
-The reference r is the exact gradient (estimators.Exact, enumeration of all K^N latent
-configurations) when K^N fits `max_configs`; otherwise the average of R RLOO estimates
+The reference r is the exact gradient (estimators.Exact, enumeration of all the latent type's
+configurations) when they fit `max_configs`; otherwise the average of R RLOO estimates
 (Kool et al. 2019, unbiased), whose standard error se_r = sqrt(tr Cov(RLOO) / R) is stated.
 
 Efficiency: the encoder runs once; the estimator runs on the logits replicated m times along
 the batch (every estimator treats batch rows independently, so the rows of replicate i give
 estimate i), and the m cotangents are pulled back through the encoder in one batched
-vector-Jacobian product (`torch.autograd.grad(..., is_grads_batched=True)`). Estimates are
-streamed into float64 sums, never stored all at once. Only `torch.autograd.grad` is used:
-no `.grad` is left on any parameter. The estimator is put in eval mode while drawing (the
-score function's EMA baseline only moves in training mode) and its mode is restored.
+vector-Jacobian product (`torch.autograd.grad(..., is_grads_batched=True)`). A `deterministic`
+estimator (declared by its class) is drawn once. Estimates are streamed into float64 sums,
+never stored all at once. Only `torch.autograd.grad` is used: no `.grad` is left on any
+parameter. The estimator is put in eval mode while drawing (the score function's EMA baseline
+only moves in training mode) and its mode is restored.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import RLOO, Estimator, Exact
-from discrete_vae.model import CategoricalVAE, kl_to_uniform
+from discrete_vae.vae import VAE
 
 MAX_ROWS = 8192  # decoder rows (replicates x batch x samples) per batched call
 MAX_GRAD_FLOATS = 1 << 23  # floats of per-estimate encoder gradients held per batched call
@@ -62,7 +63,7 @@ class Reference:
 
     def describe(self) -> str:
         if self.kind == "exact":
-            return "exact gradient (enumeration of all K^N configurations)"
+            return "exact gradient (enumeration of every latent configuration)"
         return f"mean of {self.num_estimates} RLOO estimates (S={self.num_samples}), SE {self.se:.3g}"
 
 
@@ -98,7 +99,7 @@ class GradientReport:
         }
 
 
-def encoder_parameters(model: CategoricalVAE) -> list[Tensor]:
+def encoder_parameters(model: VAE) -> list[Tensor]:
     return [p for p in model.encoder.parameters() if p.requires_grad]
 
 
@@ -114,43 +115,34 @@ def eval_mode(estimator: Estimator) -> Iterator[None]:
             module.training = mode
 
 
-def is_deterministic(estimator: Estimator) -> bool:
-    """Estimators whose estimate has no noise: one draw stands for all M."""
-    return isinstance(estimator, Exact)
-
-
-def auto_chunk(model: CategoricalVAE, x: Tensor, estimator: Estimator) -> int:
+def auto_chunk(model: VAE, x: Tensor, estimator: Estimator) -> int:
     """Estimates per batched call, bounded by decoder rows and by gradient memory."""
-    N, K = model.encoder.shape
-    samples = estimator.decoder_rows(N, K)  # decoder rows per example in one cost call
+    samples = estimator.decoder_rows(model.latent)  # decoder rows per example in one cost call
     num_params = sum(p.numel() for p in encoder_parameters(model))
     return max(1, min(MAX_ROWS // (len(x) * samples), MAX_GRAD_FLOATS // num_params))
 
 
 def iter_gradients(
-    model: CategoricalVAE, x: Tensor, estimator: Estimator, num: int, chunk_size: int | None = None
+    model: VAE, x: Tensor, estimator: Estimator, num: int, chunk_size: int | None = None
 ) -> Iterator[Tensor]:
-    """`num` independent estimates of d/d(encoder params) of `model._estimate(x).loss` computed
-    with `estimator`, yielded in chunks of flat vectors.  # x (B, D) -> chunks (m, P)
+    """`num` independent estimates of d/d(encoder params) of `model.objective(x, estimator).loss`,
+    yielded in chunks of flat vectors.  # x (B, D) -> chunks (m, P)
 
     The caller chooses the estimator's mode (see `eval_mode`); draws use the global RNG.
     """
     params = encoder_parameters(model)
     chunk = chunk_size or auto_chunk(model, x, estimator)
-    B = len(x)
     with torch.enable_grad():
-        logits = model.encoder(x)  # (B, N, K), graph to the encoder parameters
+        logits = model.encode(x)  # (B, *param_shape), graph to the encoder parameters
         done = 0
         while done < num:
             m = min(chunk, num - done)
-            rep = logits.detach().repeat(m, 1, 1).requires_grad_()  # (m*B, N, K)
-            x_rep = x.repeat(m, 1)  # (m*B, D)
-            out = estimator(rep, lambda z: model.cost(z, x_rep))  # (m*B,)
-            # Sum over replicates of each replicate's batch-mean loss: replicate i's gradient
+            rep = logits.detach().repeat(m, *[1] * (logits.dim() - 1)).requires_grad_()  # (m*B, *param_shape)
+            # m times the batch-mean loss of the whole (m*B)-row batch: replicate i's gradient
             # with respect to its own rows is estimate i of d loss / d logits.
-            loss = (out.loss + kl_to_uniform(rep)).view(m, B).mean(1).sum()
+            loss = m * model.objective(x.repeat(m, 1), estimator, logits=rep).loss
             (g_logits,) = torch.autograd.grad(loss, rep)
-            g_logits = g_logits.view(m, *logits.shape)  # (m, B, N, K)
+            g_logits = g_logits.view(m, *logits.shape)  # (m, B, *param_shape)
             grads = torch.autograd.grad(
                 logits, params, grad_outputs=g_logits, is_grads_batched=True, retain_graph=done + m < num
             )
@@ -190,12 +182,12 @@ class Moments:
         return self.sum_sq / self.count
 
 
-def draw(model: CategoricalVAE, x: Tensor, estimator: Estimator, num: int, shift: Tensor | None = None,
+def draw(model: VAE, x: Tensor, estimator: Estimator, num: int, shift: Tensor | None = None,
          chunk_size: int | None = None) -> Moments:
     """Moments of `num` estimates, drawn with the estimator in eval mode."""
     moments = Moments(shift)
     with eval_mode(estimator):
-        if is_deterministic(estimator):
+        if estimator.deterministic:
             (g,) = iter_gradients(model, x, estimator, 1, 1)
             moments.add(g, times=num)
         else:
@@ -205,19 +197,18 @@ def draw(model: CategoricalVAE, x: Tensor, estimator: Estimator, num: int, shift
 
 
 def reference_gradient(
-    model: CategoricalVAE,
+    model: VAE,
     x: Tensor,
     max_configs: int = 4096,
     num_estimates: int = 1000,
     num_samples: int = 10,
     chunk_size: int | None = None,
 ) -> Reference:
-    """The exact gradient if K^N <= max_configs, else the mean of `num_estimates` RLOO(num_samples)
-    estimates (Kool et al. 2019) with its standard error."""
-    N, K = model.encoder.shape
+    """The exact gradient if the latent configurations number at most max_configs, else the mean of
+    `num_estimates` RLOO(num_samples) estimates (Kool et al. 2019) with its standard error."""
     exact = Exact(max_configs=max_configs)
     try:
-        exact.check(N, K)
+        exact.check(model.latent)
     except ConfigError:
         if num_estimates < 2:
             raise ConfigError(f"the RLOO reference needs num_estimates >= 2, got {num_estimates}") from None
@@ -233,7 +224,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_per_estimate(model: CategoricalVAE, x: Tensor, estimator: Estimator, repeats: int = 5) -> float:
+def time_per_estimate(model: VAE, x: Tensor, estimator: Estimator, repeats: int = 5) -> float:
     """Minimum wall time in seconds of one estimate as training computes it, after one warm-up."""
     params = encoder_parameters(model)
     times = []
@@ -241,9 +232,7 @@ def time_per_estimate(model: CategoricalVAE, x: Tensor, estimator: Estimator, re
         for i in range(repeats + 1):
             _sync(x.device)
             start = time.perf_counter()
-            logits = model.encoder(x)  # (B, N, K)
-            out = estimator(logits, lambda z: model.cost(z, x))
-            torch.autograd.grad((out.loss + kl_to_uniform(logits)).mean(), params)
+            torch.autograd.grad(model.objective(x, estimator).loss, params)
             _sync(x.device)
             if i > 0:
                 times.append(time.perf_counter() - start)
@@ -251,7 +240,7 @@ def time_per_estimate(model: CategoricalVAE, x: Tensor, estimator: Estimator, re
 
 
 def gradient_diagnostics(
-    model: CategoricalVAE,
+    model: VAE,
     x: Tensor,
     estimator: Estimator,
     num_estimates: int,

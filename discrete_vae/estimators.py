@@ -1,12 +1,19 @@
-"""Gradient estimators for E_{q(z|x)}[f(z)] with categorical z, one small class each.
+"""Gradient estimators for E_{q(z|x)}[f(z)], one small class each.
 
-The contract (a strategy): an estimator is called with the encoder logits
-(B, N, K) and a cost function `cost(z)` mapping latent samples (*S, B, N, K) to
-per-example costs (*S, B) (here f(z) = -log p(x|z)). It returns
+The contract (a strategy): an estimator is called with the encoder's logits
+(B, *param_shape), a cost function `cost(z)` mapping latent samples (*S, B, *param_shape)
+to per-example costs (*S, B) (here f(z) = -log p(x|z)), and the latent type
+(discrete_vae.latents), which knows how to sample, score and enumerate z. It returns
 `EstimatorOutput(loss, value)`, both (B,):
 - `loss` is a surrogate whose gradient w.r.t. the logits is the estimate
   (the decoder, evaluated inside `cost`, always gets ordinary gradients);
 - `value` is the Monte-Carlo value of the cost to report.
+
+Each estimator declares what it is, as class attributes (never guessed from its class or
+its attributes' names): `deterministic` (no noise: one estimate stands for all),
+`has_temperature` (a `tau` buffer that the annealing callback sets), `latent_types` (the
+latent types' names it supports, or `ANY_LATENT`), and `decoder_evaluations(latent)` per
+example. `check(latent)` refuses, at start-up, a latent type or size it cannot handle.
 
 Adding an estimator means one subclass here and one YAML file in
 conf/estimator/; the Hydra group is the registry. Estimators whose gradient
@@ -24,8 +31,10 @@ from torch.utils.checkpoint import checkpoint
 
 from discrete_vae import sampling
 from discrete_vae.errors import ConfigError, require_number
+from discrete_vae.latents import Latent
 
-CostFn = Callable[[Tensor], Tensor]  # z (*S, B, N, K) -> cost (*S, B)
+CostFn = Callable[[Tensor], Tensor]  # z (*S, B, *param_shape) -> cost (*S, B)
+ANY_LATENT = ("*",)  # `latent_types` of an estimator written only against the Latent interface
 
 
 class EstimatorOutput(NamedTuple):
@@ -34,17 +43,31 @@ class EstimatorOutput(NamedTuple):
 
 
 class Estimator(nn.Module):
-    """Base class. Subclasses implement `forward(logits, cost) -> EstimatorOutput`."""
+    """Base class. Subclasses implement `forward(logits, cost, latent) -> EstimatorOutput` and
+    declare their capabilities (the defaults below are those of a one-sample categorical estimator)."""
 
-    def check(self, num_latents: int, num_categories: int) -> None:
-        """Validate against the model's latent shape at start-up; raise ConfigError if unusable."""
+    deterministic: bool = False  # the estimate has no noise (exact enumeration)
+    has_temperature: bool = False  # keeps a `tau` buffer for the annealing callback
+    latent_types: tuple[str, ...] = ("categorical",)  # Latent.name values supported, or ANY_LATENT
 
-    def decoder_rows(self, num_latents: int, num_categories: int) -> int:
+    def check(self, latent: Latent) -> None:
+        """Validate against the model's latent type at start-up; raise ConfigError if unusable."""
+        if self.latent_types != ANY_LATENT and latent.name not in self.latent_types:
+            raise ConfigError(
+                f"estimator {type(self).__name__} supports {' and '.join(self.latent_types)} latents, "
+                f"not {latent.name} ({latent.describe()}); choose another estimator or latent type"
+            )
+
+    def decoder_evaluations(self, latent: Latent) -> int:
+        """Decoder evaluations per example in one estimate (what "equal evaluations" compares)."""
+        return 1
+
+    def decoder_rows(self, latent: Latent) -> int:
         """The most decoder evaluations per example in any one call of `cost` (a memory bound for
         callers that batch many estimates, such as discrete_vae.diagnostics)."""
-        return getattr(self, "num_samples", 1)
+        return self.decoder_evaluations(latent)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:  # pragma: no cover
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -53,6 +76,8 @@ class TemperatureEstimator(Estimator):
 
     `tau_min`, if given, is a floor the annealing callback never goes below (ReinMax uses it).
     """
+
+    has_temperature = True
 
     def __init__(self, tau: float = 1.0, tau_min: float | None = None):
         super().__init__()
@@ -73,7 +98,10 @@ class ScoreFunction(Estimator):
 
     b is the bias-corrected EMA of the batch-mean cost over past steps (0 before the first
     step), updated after use and only in training mode; it is a buffer, saved in checkpoints.
+    Written against the Latent interface alone: any latent type.
     """
+
+    latent_types = ANY_LATENT
 
     def __init__(self, momentum: float = 0.99):
         super().__init__()
@@ -86,10 +114,10 @@ class ScoreFunction(Estimator):
         correction = 1.0 - self.momentum ** self.num_updates.clamp_min(1).to(self.ema.dtype)
         return torch.where(self.num_updates > 0, self.ema / correction, torch.zeros_like(self.ema))
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
-        z = sampling.gumbel_max(logits)  # (B, N, K)
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        z = latent.sample(logits)  # (B, *param_shape)
         f = cost(z)  # (B,)
-        log_q = sampling.log_prob_categorical(logits, z)  # (B,)
+        log_q = latent.log_prob(logits, z)  # (B,)
         loss = f + (f - self.baseline()).detach() * log_q
         if self.training:
             with torch.no_grad():
@@ -104,8 +132,10 @@ class RLOO(Estimator):
 
         grad = 1/S sum_i (f_i - 1/(S-1) sum_{j != i} f_j) grad log q(z_i|x),
 
-    unbiased. The decoder's gradient is the average over the S samples.
+    unbiased. The decoder's gradient is the average over the S samples. Any latent type.
     """
+
+    latent_types = ANY_LATENT
 
     def __init__(self, num_samples: int = 4):
         super().__init__()
@@ -116,11 +146,14 @@ class RLOO(Estimator):
             )
         self.num_samples = int(num_samples)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def decoder_evaluations(self, latent: Latent) -> int:
+        return self.num_samples
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         S = self.num_samples
-        z = sampling.gumbel_max(logits, (S,))  # (S, B, N, K)
+        z = latent.sample(logits, (S,))  # (S, B, *param_shape)
         f = cost(z)  # (S, B)
-        log_q = sampling.log_prob_categorical(logits, z)  # (S, B)
+        log_q = latent.log_prob(logits, z)  # (S, B)
         baseline = (f.sum(0, keepdim=True) - f) / (S - 1)  # (S, B) mean of the others
         loss = (f + (f - baseline).detach() * log_q).mean(0)
         return EstimatorOutput(loss, f.mean(0))
@@ -131,7 +164,7 @@ class GumbelSoftmax(TemperatureEstimator):
     the decoder sees y = softmax((logits + g) / tau). Biased for tau > 0; `value` is f(y).
     """
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         f = cost(sampling.gumbel_softmax(logits, self.tau))  # (B,)
         return EstimatorOutput(f, f)
 
@@ -141,7 +174,7 @@ class STGumbelSoftmax(TemperatureEstimator):
     D = onehot(argmax(logits + g)), backward through softmax((logits + g) / tau).
     """
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         f = cost(sampling.gumbel_softmax(logits, self.tau, hard=True))
         return EstimatorOutput(f, f)
 
@@ -151,7 +184,7 @@ class StraightThrough(TemperatureEstimator):
     D ~ Cat(softmax(logits)), backward through softmax(logits / tau), noise-free.
     """
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         f = cost(sampling.categorical_straight_through(logits, self.tau))
         return EstimatorOutput(f, f)
 
@@ -173,7 +206,7 @@ class GumbelRao(TemperatureEstimator):
         require_number("estimator.num_mc", num_mc, positive=True, integer=True)
         self.num_mc = int(num_mc)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         noise = sampling.conditional_gumbel(logits, hard, (self.num_mc,))  # (M, B, N, K)
         soft = torch.softmax((logits + noise) / self.tau, dim=-1).mean(0)  # (B, N, K)
@@ -198,7 +231,7 @@ class ReinMax(TemperatureEstimator):
     def __init__(self, tau: float = 1.3, tau_min: float | None = 1.3):
         super().__init__(tau, tau_min)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         p0 = torch.softmax(logits, dim=-1)  # (B, N, K)
         hard = sampling.gumbel_max(logits)
         p1 = 0.5 * (hard + torch.softmax(logits / self.tau, dim=-1))
@@ -228,7 +261,7 @@ class GappedStraightThrough(TemperatureEstimator):
         super().__init__(tau, tau_min)
         self.gap = float(require_number("estimator.gap", gap, low=0.0, hint="the paper's kappa, 1.0"))
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         with torch.no_grad():
             top = logits.amax(-1, keepdim=True)  # (B, N, 1)
@@ -248,10 +281,12 @@ class ZGR(Estimator):
         dD/dlogits := 1/2 [ dp/dlogits + (D - p) (d log p_D / dlogits)^T ],
         forward D, backward through 1/2 (p + stopgrad(D - p) log p_D).
 
-    No temperature, one decoder evaluation. For two categories it is half the DARN estimator.
+    No temperature, one decoder evaluation. For two categories it equals DARN(1/2), the DARN
+    estimator with its expansion point at 1/2 (Shekhovtsov 2023; the authors' `ZGR_binary`), not
+    half of DARN: at K = 2, p = 0.3 (tests/test_gst_zgr_indecater.py).
     """
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         log_p = torch.log_softmax(logits, dim=-1)
         p = log_p.exp()  # (B, N, K)
@@ -285,8 +320,13 @@ class IndeCateR(Estimator):
         self.num_samples = int(require_number("estimator.num_samples", num_samples, positive=True, integer=True))
         self.chunk_size = int(require_number("estimator.chunk_size", chunk_size, positive=True, integer=True))
 
-    def decoder_rows(self, num_latents: int, num_categories: int) -> int:
-        changes = self.num_samples * num_latents * (num_categories - 1)
+    def decoder_evaluations(self, latent: Latent) -> int:
+        N, K = latent.param_shape
+        return self.num_samples * (N * (K - 1) + 1)
+
+    def decoder_rows(self, latent: Latent) -> int:
+        N, K = latent.param_shape
+        changes = self.num_samples * N * (K - 1)
         return max(self.num_samples, min(self.chunk_size, changes))
 
     @torch.no_grad()
@@ -303,7 +343,7 @@ class IndeCateR(Estimator):
         fbar.scatter_(-1, sampling.other_categories(z), changed.to(fbar.dtype))
         return fbar.mean(0)  # (B, N, K)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
         z = sampling.gumbel_max(logits, (self.num_samples,))  # (S, B, N, K)
         f = cost(z)  # (S, B), decoder gradient
         fbar = self.changed_costs(z, f, cost)  # (B, N, K), no graph
@@ -313,13 +353,17 @@ class IndeCateR(Estimator):
 
 
 class Exact(Estimator):
-    """Exact enumeration: E_q[f(z)] = sum over all K^N joint configurations c of q(c|x) f(c),
-    with q(c|x) = prod_n softmax(logits_n)[c_n]. Zero variance; its gradient is exact.
+    """Exact enumeration: E_q[f(z)] = sum over all configurations c of the latent type (K^N of
+    them for categorical latents) of q(c|x) f(c). Zero variance; its gradient is exact. Written
+    against the Latent interface (`enumerate`, `log_prob`): any latent type.
 
     Configurations are evaluated `chunk_size` at a time, each chunk under activation
     checkpointing, so memory stays bounded by one chunk in the forward and the backward.
-    K^N above `max_configs` is refused at start-up (`check`).
+    More configurations than `max_configs` are refused at start-up (`check`).
     """
+
+    deterministic = True
+    latent_types = ANY_LATENT
 
     def __init__(self, max_configs: int = 4096, chunk_size: int = 256):
         super().__init__()
@@ -328,34 +372,36 @@ class Exact(Estimator):
         self.max_configs = int(max_configs)
         self.chunk_size = int(chunk_size)
 
-    def check(self, num_latents: int, num_categories: int) -> None:
-        total = num_categories**num_latents
+    def check(self, latent: Latent) -> None:
+        super().check(latent)
+        total = latent.num_configs
         if total > self.max_configs:
             raise ConfigError(
-                f"estimator=exact enumerates K^N = {num_categories}^{num_latents} = {total:.4g} "
-                f"configurations (N=model.num_latents={num_latents}, K=model.num_categories="
-                f"{num_categories}), over the budget estimator.max_configs={self.max_configs}. "
-                f"Shrink the model (for example model.num_latents=2 model.num_categories=10, "
-                f"or experiment=small_exact) or raise estimator.max_configs."
+                f"estimator=exact enumerates {total:.4g} configurations of {latent.describe()}, over the "
+                f"budget estimator.max_configs={self.max_configs}. Shrink the latent space (for example "
+                f"latent.num_latents=2 latent.num_categories=10, or experiment=small_exact) or raise "
+                f"estimator.max_configs."
             )
 
+    def decoder_evaluations(self, latent: Latent) -> int:
+        return latent.num_configs
+
+    def decoder_rows(self, latent: Latent) -> int:
+        return min(self.chunk_size, latent.num_configs)
+
     @staticmethod
-    def _chunk(logits: Tensor, configs: Tensor, cost: CostFn) -> Tensor:
-        log_q = torch.einsum("cnk,bnk->cb", configs, torch.log_softmax(logits, dim=-1))  # (C, B)
+    def _chunk(logits: Tensor, configs: Tensor, cost: CostFn, latent: Latent) -> Tensor:
+        log_q = latent.log_prob(logits, configs[:, None])  # (C, B)
         f = cost(configs[:, None])  # (C, B)
         return (log_q.exp() * f).sum(0)  # (B,)
 
-    def forward(self, logits: Tensor, cost: CostFn) -> EstimatorOutput:
-        N, K = logits.shape[-2:]
-        self.check(N, K)
-        total = K**N
-        expected = logits.new_zeros(logits.shape[:-2])  # (B,)
-        for start in range(0, total, self.chunk_size):
-            configs = sampling.enumerate_one_hot(
-                N, K, start, start + self.chunk_size, device=logits.device, dtype=logits.dtype
-            )  # (C, N, K)
-            if torch.is_grad_enabled():
-                expected = expected + checkpoint(self._chunk, logits, configs, cost, use_reentrant=False)
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        self.check(latent)
+        expected = logits.new_zeros(logits.shape[0])  # (B,)
+        for start in range(0, latent.num_configs, self.chunk_size):
+            configs = latent.enumerate(start, start + self.chunk_size, device=logits.device, dtype=logits.dtype)
+            if torch.is_grad_enabled():  # configs (C, *param_shape)
+                expected = expected + checkpoint(self._chunk, logits, configs, cost, latent, use_reentrant=False)
             else:
-                expected = expected + self._chunk(logits, configs, cost)
+                expected = expected + self._chunk(logits, configs, cost, latent)
         return EstimatorOutput(expected, expected)

@@ -1,4 +1,4 @@
-"""Likelihood bounds of a trained categorical VAE, in nats per image.
+"""Likelihood bounds of a trained VAE (discrete_vae.vae, any latent type), in nats per image.
 
 Training and validation report one number, the negative ELBO at one hard sample.
 To compare estimators on the quantity a VAE is meant to model, log p(x), this
@@ -11,13 +11,13 @@ module computes, per image:
       -log p(x) <= -log (1/m) sum_i w_i,   w_i = p(x, z_i) / q(z_i | x),   z_i ~ q(z|x),
 
   which tightens monotonically in m (their Theorem 1) and tends to -log p(x) as m grows;
-- `nll_exact`: -log p(x) = -log sum_z p(z) p(x|z) over all K^N configurations, when K^N
-  fits the enumeration budget (discrete_vae.estimators.Exact), else absent.
+- `nll_exact`: -log p(x) = -log sum_z p(z) p(x|z) over all configurations of the latent type
+  (K^N for categorical latents), when they fit the enumeration budget, else absent.
 
-The prior is uniform: log p(z) = -N log K. Everything is in log space (logsumexp),
+The prior, the KL and log q are the latent type's. Everything is in log space (logsumexp),
 and memory is bounded whatever m or K^N: samples and configurations are processed in
 chunks of at most `max_rows` (sample, image) rows, with a running logsumexp. Samples
-come from discrete_vae.sampling.gumbel_max with an explicit torch.Generator, so an
+come from the latent type's `sample` with an explicit torch.Generator, so an
 evaluation with a fixed seed is reproducible and leaves the global RNG untouched.
 """
 
@@ -30,10 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from discrete_vae import sampling
 from discrete_vae.errors import ConfigError
-from discrete_vae.estimators import Exact
-from discrete_vae.model import CategoricalVAE, kl_to_uniform
+from discrete_vae.vae import VAE
 
 # (sample or configuration, image) rows per chunk: each chunk holds a few tensors of
 # max_rows x 784 floats (decoder logits, BCE), about 100 MB each at the default.
@@ -51,14 +49,9 @@ def _chunk_size(batch: int, max_rows: int) -> int:
     return max(1, max_rows // max(batch, 1))
 
 
-def log_prior(num_latents: int, num_categories: int) -> float:
-    """log p(z) of the uniform prior, the same for every z: -N log K."""
-    return -num_latents * math.log(num_categories)
-
-
 @torch.no_grad()
 def sample_bounds(
-    model: CategoricalVAE,
+    model: VAE,
     x: Tensor,
     num_samples: int,
     generator: torch.Generator | None = None,
@@ -66,7 +59,7 @@ def sample_bounds(
 ) -> Bounds:
     """neg_elbo and nll_iwae of each image from the same m = `num_samples` draws z_i ~ q(z|x).  # x (B, D)
 
-    log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8)
+    log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8; VAE.log_weights)
     nll_iwae = -(logsumexp_i log w_i - log m)
     neg_elbo = mean_i cost(z_i, x) + KL(q(z|x) || p(z))           (analytic KL)
 
@@ -74,20 +67,20 @@ def sample_bounds(
     """
     if int(num_samples) != num_samples or num_samples < 1:
         raise ConfigError(f"the number of samples per image must be a positive integer, got {num_samples}")
-    logits = model.encoder(x)  # (B, N, K)
-    B, N, K = logits.shape
+    logits = model.encode(x)  # (B, *param_shape)
+    B = logits.shape[0]
     chunk = _chunk_size(B, max_rows)
     lse = logits.new_full((B,), -math.inf)  # running logsumexp of log w
     cost_sum = logits.new_zeros(B)
     for start in range(0, num_samples, chunk):
         s = min(chunk, num_samples - start)
-        z = sampling.gumbel_max(logits, (s,), generator=generator)  # (s, B, N, K)
+        z = model.latent.sample(logits, (s,), generator=generator)  # (s, B, *param_shape)
         cost = model.cost(z, x)  # (s, B)
-        log_w = -cost + log_prior(N, K) - sampling.log_prob_categorical(logits, z)  # (s, B)
+        log_w = model.log_weights(z, logits, cost)  # (s, B)
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
         cost_sum += cost.sum(0)
     return Bounds(
-        neg_elbo=cost_sum / num_samples + kl_to_uniform(logits),
+        neg_elbo=cost_sum / num_samples + model.kl(logits),
         nll_iwae=-(lse - math.log(num_samples)),
     )
 
@@ -97,32 +90,36 @@ def iwae_bound(model, x, num_samples, generator=None, max_rows=DEFAULT_MAX_ROWS)
     return sample_bounds(model, x, num_samples, generator, max_rows).nll_iwae
 
 
-def check_exact(num_latents: int, num_categories: int, max_configs: int) -> None:
-    """Raise ConfigError when K^N is over the enumeration budget (the same rule as estimator=exact)."""
-    Exact(max_configs=max_configs).check(num_latents, num_categories)
+def check_exact(model: VAE, max_configs: int) -> None:
+    """Raise ConfigError when the latent type's configurations are over the enumeration budget."""
+    total = model.latent.num_configs
+    if total > max_configs:
+        raise ConfigError(
+            f"nll_exact enumerates {total:.4g} configurations of {model.latent.describe()}, over the "
+            f"budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
+        )
 
 
 @torch.no_grad()
-def exact_nll(model: CategoricalVAE, x: Tensor, max_configs: int = 4096, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
-    """-log p(x) = -log sum_c p(c) p(x|c) over all K^N configurations c.  # x (B, D) -> (B,)
+def exact_nll(model: VAE, x: Tensor, max_configs: int = 4096, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
+    """-log p(x) = -log sum_c p(c) p(x|c) over all configurations c of the latent type.  # x (B, D) -> (B,)
 
-    With the uniform prior, -log p(x) = N log K - logsumexp_c(-cost(c, x)). Configurations
-    come `chunk` at a time from sampling.enumerate_one_hot; raises ConfigError over budget.
+    -log p(x) = -logsumexp_c(log p(c) - cost(c, x)). Configurations come `chunk` at a time from
+    the latent type's `enumerate`; raises ConfigError over budget.
     """
-    N, K = model.hparams.num_latents, model.hparams.num_categories
-    check_exact(N, K, max_configs)
+    check_exact(model, max_configs)
     B = x.shape[0]
     chunk = _chunk_size(B, max_rows)
     lse = x.new_full((B,), -math.inf)
-    for start in range(0, K**N, chunk):
-        configs = sampling.enumerate_one_hot(N, K, start, start + chunk, device=x.device, dtype=x.dtype)  # (C, N, K)
-        log_px_given_z = -model.cost(configs[:, None], x)  # (C, B)
-        lse = torch.logaddexp(lse, torch.logsumexp(log_px_given_z, dim=0))
-    return -(lse + log_prior(N, K))
+    for start in range(0, model.latent.num_configs, chunk):
+        configs = model.latent.enumerate(start, start + chunk, device=x.device, dtype=x.dtype)  # (C, *param_shape)
+        log_joint = model.latent.prior_log_prob(configs)[:, None] - model.cost(configs[:, None], x)  # (C, B)
+        lse = torch.logaddexp(lse, torch.logsumexp(log_joint, dim=0))
+    return -lse
 
 
 def evaluate(
-    model: CategoricalVAE,
+    model: VAE,
     batches: Iterable[Tensor],
     num_samples: int = 1000,
     seed: int = 0,
@@ -139,12 +136,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(int(seed))
-    N, K = model.hparams.num_latents, model.hparams.num_categories
-    try:
-        check_exact(N, K, max_configs)
-        with_exact = True
-    except ConfigError:
-        with_exact = False
+    with_exact = model.latent.num_configs <= max_configs
     totals = {"neg_elbo": 0.0, "nll_iwae": 0.0, "nll_exact": 0.0}
     count = 0
     try:

@@ -1,12 +1,14 @@
-"""The encoder and decoder MLPs of the categorical VAE.
+"""The encoder and decoder MLPs of the VAE.
 
-Kept apart from the LightningModule so the gradient diagnostics and the tests can
-build the same networks without a Trainer. Sizes follow Jang et al. 2017
-(784-512-256-(N*K) encoder and its mirror image as decoder).
+Kept apart from the VAE's maths (discrete_vae.vae) and from the LightningModule, so that any
+latent type plugs in: the encoder ends in the latent type's `param_shape`, the decoder starts
+from its `decoder_dim`. Sizes follow Jang et al. 2017 (784-512-256-(N*K) encoder and its
+mirror image as decoder).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -37,23 +39,24 @@ def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """x (B, D) -> logits of q(z|x), (B, N, K)."""
+    """x (B, D) -> the parameters of q(z|x), (B, *param_shape) (logits (B, N, K) for categorical z)."""
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_latents: int, num_categories: int, activation: str):
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], param_shape: Sequence[int], activation: str):
         super().__init__()
-        self.shape = (num_latents, num_categories)
-        self.net = mlp([input_dim, *hidden_dims, num_latents * num_categories], activation)
+        self.shape = tuple(param_shape)
+        self.net = mlp([input_dim, *hidden_dims, math.prod(self.shape)], activation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).unflatten(-1, self.shape)  # (B, N, K)
+        return self.net(x).unflatten(-1, self.shape)  # (B, *param_shape)
 
 
 class Decoder(nn.Module):
-    """z (..., N, K) -> Bernoulli logits of p(x|z), (..., D); any leading sample dims."""
+    """The decoder's input (..., D_z), the latent type's `decoder_input(z)` -> Bernoulli logits of
+    p(x|z), (..., D); any leading sample dims."""
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], num_latents: int, num_categories: int, activation: str):
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int, activation: str):
         super().__init__()
-        self.net = mlp([num_latents * num_categories, *reversed(hidden_dims), input_dim], activation)
+        self.net = mlp([latent_dim, *reversed(hidden_dims), input_dim], activation)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z.flatten(-2))  # (..., D)
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)  # (..., D)

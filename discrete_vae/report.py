@@ -33,7 +33,6 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import statistics
 from collections import Counter
@@ -42,7 +41,9 @@ from pathlib import Path
 
 import yaml
 
+from discrete_vae import records
 from discrete_vae.errors import DataError
+from discrete_vae.records import DIVERGED, DONE, FAILED, FINISHED, METRICS_FILE, UNFINISHED
 
 # Overrides that never name a configuration: the seed and Hydra's own settings, plus the
 # keys each run's Hydra config excludes from its directory name (read from .hydra/hydra.yaml:
@@ -53,9 +54,8 @@ METRICS = ("val/neg_elbo", "test/neg_elbo", "test/nll_iwae")
 EVAL_METRICS = ("eval/neg_elbo", "eval/nll_iwae", "eval/nll_exact")
 CURVE_TAG = "val/neg_elbo"
 CURVE_FILE = "val_curve.csv"  # step,val/neg_elbo: a record's validation curve
-EVAL_SUFFIX = "_eval_test.json"  # scripts/evaluate.py's default output name, beside the checkpoint
 LAST_FRACTION = 0.2  # "still falling": the val/neg_elbo drop over the last 20% of the steps
-UNFINISHED = "no metrics.json: killed, crashed hard, or still running"
+UNFINISHED_WHY = "no metrics.json: killed, crashed hard, or still running"
 
 
 @dataclass
@@ -119,17 +119,17 @@ def where(run: Run, root: Path) -> str:
 
 
 def find_runs(root: Path) -> list[Run]:
-    folders = {p.parent for p in root.rglob("metrics.json")}
+    folders = {p.parent for p in root.rglob(METRICS_FILE)}
     folders |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
     runs = []
     for folder in sorted(folders):
-        record = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        record = records.read_record(folder) or {}
         overrides_file = folder / ".hydra" / "overrides.yaml"
         if overrides_file.is_file():
             overrides = yaml.safe_load(overrides_file.read_text())
         else:
             overrides = record.get("overrides", [])
-        status = record.get("status", "unfinished") if record else "unfinished"
+        status = record.get("status", UNFINISHED) if record else UNFINISHED
         if record and "evaluation" not in record and (evaluation := read_evaluation(folder, record)):
             record["evaluation"] = evaluation
         runs.append(Run(folder, [str(o) for o in overrides or []], status, record, read_curve(folder), "",
@@ -152,7 +152,7 @@ def read_evaluation(folder: Path, record: dict) -> dict | None:
     best = record.get("best_checkpoint")
     if not best:
         return None
-    path = folder / "checkpoints" / (Path(best).stem + EVAL_SUFFIX)
+    path = records.evaluation_path(folder / "checkpoints" / Path(best).name, "test")
     if not path.is_file():
         return None
     evaluation = json.loads(path.read_text())
@@ -184,7 +184,7 @@ def name_configs(runs: list[Run]) -> None:
     that every finished run shares (a failed run started by hand may lack some of those)."""
 
     kept = [[o for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED] for run in runs]
-    reference = [k for run, k in zip(runs, kept) if run.status == "finished"] or kept
+    reference = [k for run, k in zip(runs, kept) if run.status == FINISHED] or kept
     shared = set.intersection(*(set(k) for k in reference)) if reference else set()
     for run, items in zip(runs, kept):
         distinct = [o for o in items if o not in shared]
@@ -204,15 +204,15 @@ def summarise(runs: list[Run]) -> list[dict]:
     rows = []
     for config in sorted({r.config for r in runs}):
         group = [r for r in runs if r.config == config]
-        done = [r for r in group if r.status == "finished"]
+        done = [r for r in group if r.status == FINISHED]
         row = {
             "config": config,
             "estimator": ",".join(sorted({r.estimator for r in group})),
             "n_seeds": len(done),
             "seeds": " ".join(str(r.seed) for r in sorted(done, key=lambda r: str(r.seed))),
-            "n_failed": sum(r.status == "failed" for r in group),
-            "n_diverged": sum(r.status == "diverged" for r in group),
-            "n_unfinished": sum(r.status == "unfinished" for r in group),
+            "n_failed": sum(r.status == FAILED for r in group),
+            "n_diverged": sum(r.status == DIVERGED for r in group),
+            "n_unfinished": sum(r.status == UNFINISHED for r in group),
         }
         for name in METRICS:
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([v for r in done if (v := r.metric(name)) is not None])
@@ -237,9 +237,9 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
     lines = [
         f"# Sweep report: `{title}`",
         "",
-        f"{len(runs)} runs: {sum(r.status == 'finished' for r in runs)} finished, "
-        f"{sum(r.status == 'failed' for r in runs)} failed, {sum(r.status == 'diverged' for r in runs)} diverged, "
-        f"{sum(r.status == 'unfinished' for r in runs)} "
+        f"{len(runs)} runs: {sum(r.status == FINISHED for r in runs)} finished, "
+        f"{sum(r.status == FAILED for r in runs)} failed, {sum(r.status == DIVERGED for r in runs)} diverged, "
+        f"{sum(r.status == UNFINISHED for r in runs)} "
         f"did not finish. Nats per image, mean ± s.d. over seeds (n - 1); lower is better. "
         f"`val drop, last 20%`: how much val/neg_elbo still fell over the last 20% of the steps.",
         "",
@@ -263,12 +263,12 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
             f"| {run.record.get('steps', '—')} | " + " | ".join(fmt(run.metric(m)) for m in METRICS)
             + f" | {fmt(None if wall is None else wall / 60, digits=1)} |"
         )
-    problems = [r for r in runs if r.status != "finished"]
+    problems = [r for r in runs if r.status != FINISHED]
     lines += ["", "## Runs that failed, diverged or did not finish", ""]
     if not problems:
         lines.append("None.")
     for run in problems:
-        why = run.record.get("error") if run.status in ("failed", "diverged") else UNFINISHED
+        why = run.record.get("error") if run.status in (FAILED, DIVERGED) else UNFINISHED_WHY
         last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
         lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
     path.write_text("\n".join(lines) + "\n")
@@ -291,7 +291,7 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     tops = []
     for row in rows:
-        curves = [dict(r.curve) for r in runs if r.config == row["config"] and r.status == "finished" and r.curve]
+        curves = [dict(r.curve) for r in runs if r.config == row["config"] and r.status == FINISHED and r.curve]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -331,7 +331,7 @@ def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
     for j, (metric, colour) in enumerate(zip(metrics, colours)):
         offset = 0.25 * (j - (len(metrics) - 1) / 2)
         for i, row in enumerate(rows):
-            values = [v for r in runs if r.config == row["config"] and r.status == "finished"
+            values = [v for r in runs if r.config == row["config"] and r.status == FINISHED
                       and (v := r.metric(metric)) is not None]  # fmt: skip
             if not values:
                 continue
@@ -386,24 +386,18 @@ def export(sweep_dir: Path, records_dir: Path, extra: dict | None = None) -> lis
     version that did not record it). Existing records are overwritten. Returns the folders written."""
     written = []
     for run in find_runs(sweep_dir):
-        if run.status not in ("finished", "diverged"):
+        if run.status not in DONE:
             continue
         target = records_dir / run.path.relative_to(sweep_dir)
         target.mkdir(parents=True, exist_ok=True)
         record = compact_record(run)
         for key, value in (extra or {}).items():
             record.setdefault(key, value)
-        _write_atomic(target / "metrics.json", json.dumps(record, indent=2, allow_nan=False) + "\n")
+        records.write_json(target / METRICS_FILE, record)
         lines = [f"step,{CURVE_TAG}"] + [f"{step},{value:.4f}" for step, value in run.curve]
-        _write_atomic(target / CURVE_FILE, "\n".join(lines) + "\n")
+        records.write_text_atomic(target / CURVE_FILE, "\n".join(lines) + "\n")
         written.append(target)
     return written
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- docs/results.md -------------------------------------------------------------------------
@@ -431,7 +425,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: bool, exact: bool) -
     head += ["best val −ELBO", "steps", "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
     for row in rows:
-        done = [r for r in runs if r.config == row["config"] and r.status == "finished"]
+        done = [r for r in runs if r.config == row["config"] and r.status == FINISHED]
         iwae = [v for r in done if (v := r.metric("eval/nll_iwae")) is not None]
         ms = sorted({r.evaluation.get("num_samples") for r in done if r.metric("eval/nll_iwae") is not None})
         if not iwae:  # no scripts/evaluate.py result: the bound of trainer.test
@@ -453,7 +447,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: bool, exact: bool) -
 
 def provenance(runs: list[Run]) -> list[str]:
     """Where and with what the runs were made: machines, commits, wall time in total."""
-    finished = [r for r in runs if r.status in ("finished", "diverged")]
+    finished = [r for r in runs if r.status in DONE]
     machines = sorted({_machine(r.record.get("machine")) for r in finished})
     commits = sorted({str(r.record.get("commit")) for r in finished if r.record.get("commit")})
     hours = sum(r.record.get("wall_time_s") or 0 for r in finished) / 3600
@@ -462,9 +456,9 @@ def provenance(runs: list[Run]) -> list[str]:
              + (f" plus {evaluation:.1f} h of scripts/evaluate.py" if evaluation else "") + "; "
              + "machines: " + ("; ".join(machines) or "not recorded") + "; "
              + "commits: " + (", ".join(f"`{c}`" for c in commits) or "not recorded") + "."]
-    others = [r for r in runs if r.status not in ("finished", "diverged")]
+    others = [r for r in runs if r.status not in DONE]
     for run in others:
-        lines.append(f"- {run.path.name}: {run.status} ({run.record.get('error') or UNFINISHED})")
+        lines.append(f"- {run.path.name}: {run.status} ({run.record.get('error') or UNFINISHED_WHY})")
     return lines
 
 
@@ -485,10 +479,10 @@ BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n).*?(<!-- /report:(?P=n
 def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     """One row per estimator: its headline numbers on each experiment (the README's table)."""
     names = list(experiments)
-    estimators = sorted({r.estimator for runs in experiments.values() for r in runs if r.status == "finished"})
+    estimators = sorted({r.estimator for runs in experiments.values() for r in runs if r.status == FINISHED})
 
     def cell(name: str, estimator: str) -> str:
-        finished = [r for r in experiments[name] if r.status == "finished"]
+        finished = [r for r in experiments[name] if r.status == FINISHED]
         configs = {r.config for r in finished if r.estimator == estimator}
         if not configs:
             return "—"

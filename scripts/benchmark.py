@@ -4,7 +4,7 @@
     python scripts/benchmark.py --estimators sf rloo --device cpu --steps 200
 
 Prints a Markdown table of milliseconds per step and images per second. The step is the
-model's own shared step (`CategoricalVAE._estimate`) on a batch already on the device,
+model's own objective (`VAE.objective`, what training_step calls) on a batch already on the device,
 without the Lightning loop, so the figures are the estimator's cost, not the framework's.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from discrete_vae.build import build_model
 from discrete_vae.devices import describe_device, resolve_device
-from discrete_vae.training import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,7 +32,7 @@ def time_steps(model, x, steps: int, warmup: int) -> float:
             sync()
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        model._estimate(x).loss.backward()
+        model.vae.objective(x, model.estimator).loss.backward()
         optimizer.step()
     sync()
     return (time.perf_counter() - start) / steps
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the model, e.g. model.num_latents=30")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the model, e.g. latent.num_latents=30")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -56,13 +56,12 @@ def main() -> None:
     print(f"device: {device} ({describe_device(device)}), torch {torch.__version__}, batch {args.batch_size}, {args.steps} steps\n")
     print("| estimator | model | ms / step | images / s |\n| --- | --- | --- | --- |")
     for name in args.estimators:
-        small = ["model.num_latents=2", "model.num_categories=10"] if name == "exact" else []
+        small = ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("train", overrides=[f"estimator={name}", *small, *args.overrides])
         model = build_model(cfg).to(device)
         seconds = time_steps(model, x, args.steps, args.warmup)
-        shape = f"N={cfg.model.num_latents}, K={cfg.model.num_categories}"
-        print(f"| {name} | {shape} | {1e3 * seconds:.2f} | {args.batch_size / seconds:,.0f} |")
+        print(f"| {name} | {model.vae.latent.describe()} | {1e3 * seconds:.2f} | {args.batch_size / seconds:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
+from discrete_vae.build import build_model
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import describe_device
-from discrete_vae.model import NVML_CHECK
-from discrete_vae.training import build_model, build_run, quiet_third_party, set_num_threads
+from discrete_vae.module import NVML_CHECK
+from discrete_vae.training import build_run, quiet_third_party, set_num_threads
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -81,19 +82,19 @@ def plain_epoch_loop(model, train, val, epochs, optimizer, batches) -> None:
         model.train()
         for x in batches(train):
             optimizer.zero_grad(set_to_none=True)
-            model._estimate(x).loss.backward()
+            model.vae.objective(x, model.estimator).loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
             for start in range(0, len(val), 1000):
-                model.neg_elbo(val[start : start + 1000].float()).mean()
+                model.vae.neg_elbo(val[start : start + 1000].float()).mean()
 
 
 def time_plain(cfg, device, splits, epochs: int) -> tuple[float, int]:
     model = build_model(cfg).to(device)
     train, val = splits["train"].to(device), splits["val"].to(device)
     B = cfg.data.batch_size
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.optimizer.lr, fused=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr, fused=True)
 
     def batches(data):
         order = torch.randperm(len(data), device=device)
@@ -119,7 +120,7 @@ def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
     model = build_model(cfg).to(device)
     train, val = splits["train"], splits["val"].to(device)
     loader = DataLoader(Images(train), batch_size=cfg.data.batch_size, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.model.optimizer.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
     batches = lambda _: (x.to(device) for x in loader)  # noqa: E731
     return _timed(lambda: plain_epoch_loop(model, train, val, epochs, optimizer, batches), device), epochs * len(train)
 
@@ -127,7 +128,7 @@ def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
 def _timed(fn, device) -> float:
     """Seconds of fn(), run as it would run in a script that never imported Lightning: Lightning's
     import sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which costs a plain loop on a CPU ~70 us a step in
-    Adam's torch.cuda.is_available() (our fit switches it off itself: CategoricalVAE.on_fit_start)."""
+    Adam's torch.cuda.is_available() (our fit switches it off itself: VAEModule.on_fit_start)."""
     saved = os.environ.pop(NVML_CHECK, None)
     try:
         start = time.perf_counter()

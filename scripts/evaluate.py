@@ -9,20 +9,19 @@ enumeration when K^N <= max_configs, else absent), and writes them as JSON besid
 the checkpoint. The maths is in discrete_vae/evaluation.py; options in conf/evaluate.yaml.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from discrete_vae import records
+from discrete_vae.build import build, load_checkpoint
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import resolve_device
 from discrete_vae.errors import ConfigError, exit_on_user_error
 from discrete_vae.evaluation import evaluate
-from discrete_vae.training import load_checkpoint
 
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")
@@ -42,10 +41,10 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.device))
 
     start = time.perf_counter()
-    model, train_cfg = load_checkpoint(ckpt, map_location=device)
-    model.to(device)
+    module, train_cfg = load_checkpoint(ckpt, map_location=device)
+    model = module.vae.to(device)
     data_cfg = train_cfg.data if cfg.data_root is None else OmegaConf.merge(train_cfg.data, {"root": cfg.data_root})
-    images = instantiate(data_cfg).load_splits()[cfg.split]  # (rows, D), on the CPU
+    images = build(data_cfg).load_splits()[cfg.split]  # (rows, D), on the CPU
     if cfg.split == "train" and images.dtype.is_floating_point:
         raise ConfigError("split=train of dynamically binarized data is grey-level; evaluate split=val or split=test")
     batches = [images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)]
@@ -53,7 +52,6 @@ def run(cfg: DictConfig) -> dict:
         batches = batches[: int(cfg.limit_batches)]
 
     metrics = evaluate(model, batches, cfg.num_samples, cfg.seed, cfg.max_configs, cfg.max_rows)
-    N, K = model.hparams.num_latents, model.hparams.num_categories
     record = {
         "checkpoint": str(ckpt),
         "split": cfg.split,
@@ -62,18 +60,17 @@ def run(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "device": str(device),
         "estimator": train_cfg.estimator._target_.rsplit(".", 1)[-1],
-        "num_latents": N,
-        "num_categories": K,
+        "latent": OmegaConf.to_container(train_cfg.latent),
         "metrics": metrics,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     if metrics["nll_exact"] is None:
         record["nll_exact_absent"] = (
-            f"K^N = {K}^{N} configurations is over the enumeration budget max_configs={cfg.max_configs}"
+            f"{model.latent.num_configs:.4g} configurations ({model.latent.describe()}) is over the "
+            f"enumeration budget max_configs={cfg.max_configs}"
         )
-    output = Path(cfg.output) if cfg.output else ckpt.with_name(f"{ckpt.stem}_eval_{cfg.split}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2))
+    output = Path(cfg.output) if cfg.output else records.evaluation_path(ckpt, cfg.split)
+    records.write_json(output, record)
 
     print(f"{ckpt} on {cfg.split} ({record['num_images']} images, m={cfg.num_samples}, seed={cfg.seed}, {device}):")
     for name, value in metrics.items():

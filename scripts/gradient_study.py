@@ -1,6 +1,6 @@
 """Compare gradient estimators on one model and one batch: variance, bias, cosine, SNR, time.
 
-    python scripts/gradient_study.py model.num_latents=2 model.num_categories=10   # exact reference
+    python scripts/gradient_study.py latent.num_latents=2 latent.num_categories=10   # exact reference
     python scripts/gradient_study.py                      # N=20, K=10: RLOO reference, exact skipped
     python scripts/gradient_study.py ckpt_path=outputs/.../checkpoints/last.ckpt num_estimates=500
 
@@ -20,27 +20,28 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae import diagnostics
+from discrete_vae.build import build, build_vae, load_checkpoint
 from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.errors import ConfigError, exit_on_user_error
-from discrete_vae.estimators import RLOO, ScoreFunction, TemperatureEstimator
-from discrete_vae.training import load_checkpoint
+from discrete_vae.estimators import ScoreFunction
+from discrete_vae.latents import Latent
+from discrete_vae.vae import VAE
 
 ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 
 
 
-def load_model(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]):
-    """The checkpoint's model, or a fresh one initialised with `seed`; and a line describing it."""
+def load_model(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]) -> tuple[VAE, str]:
+    """The checkpoint's VAE, or a fresh one initialised with `seed`; and a line describing it."""
     if cfg.ckpt_path:
-        model, _ = load_checkpoint(cfg.ckpt_path)
+        model = load_checkpoint(cfg.ckpt_path)[0].vae
         weights = f"checkpoint {cfg.ckpt_path}"
     else:
         torch.manual_seed(cfg.seed)
-        model = instantiate(cfg.model, estimator=RLOO())  # the model's own estimator is not used
+        model = build_vae(cfg)
         if model.output_bias_pending:  # as training starts: the output bias from the training split
             model.init_output_bias(splits["train"])
         weights = f"fresh initialisation (seed {cfg.seed}, output bias {model.output_bias_init})"
@@ -55,9 +56,9 @@ def validation_batch(cfg: DictConfig, device: torch.device, splits: dict[str, to
     return val[: cfg.batch_size].to(device=device, dtype=torch.float32)
 
 
-def build_estimators(cfg: DictConfig, num_latents: int, num_categories: int, device: torch.device):
-    """(name, estimator) for each requested YAML file; estimators whose `check` refuses the model
-    (exact over its budget) are skipped with a printed note."""
+def build_estimators(cfg: DictConfig, latent: Latent, device: torch.device):
+    """(name, estimator) for each requested YAML file; estimators whose `check` refuses the latent
+    type (exact over its budget, or a type it does not support) are skipped with a printed note."""
     available = sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
     names = list(cfg.estimators) if cfg.estimators is not None else available
     unknown = [n for n in names if n not in available]
@@ -66,14 +67,14 @@ def build_estimators(cfg: DictConfig, num_latents: int, num_categories: int, dev
     chosen, notes = [], []
     for name in names:
         node = OmegaConf.merge(OmegaConf.load(ESTIMATOR_DIR / f"{name}.yaml"), cfg.estimator_options.get(name, {}))
-        estimator = instantiate(node).to(device)
+        estimator = build(node).to(device)
         try:
-            estimator.check(num_latents, num_categories)
+            estimator.check(latent)
         except ConfigError as err:
             notes.append(f"skipped {name}: {err}")
             print(f"note: skipping estimator {name}: {err}")
             continue
-        if cfg.temperature is not None and isinstance(estimator, TemperatureEstimator):
+        if cfg.temperature is not None and estimator.has_temperature:
             tau = float(cfg.temperature)
             if estimator.tau_min is not None and tau < estimator.tau_min:  # as training would: never below it
                 notes.append(f"{name}: tau = {estimator.tau_min:g}, its floor tau_min, not temperature={tau:g} "
@@ -85,11 +86,11 @@ def build_estimators(cfg: DictConfig, num_latents: int, num_categories: int, dev
     return chosen, notes
 
 
-def warm_baseline(model, x: torch.Tensor, estimator: ScoreFunction) -> None:
+def warm_baseline(model: VAE, x: torch.Tensor, estimator: ScoreFunction) -> None:
     """One training-mode forward: the bias-corrected EMA becomes the batch-mean cost of one draw."""
     estimator.train()
     with torch.no_grad():
-        estimator(model.encoder(x), lambda z: model.cost(z, x))
+        model.objective(x, estimator)
     estimator.eval()
 
 
@@ -149,11 +150,10 @@ def study(cfg: DictConfig) -> list[dict]:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    splits = instantiate(cfg.data).load_splits()  # read once: the training mean and the batch
+    splits = build(cfg.data).load_splits()  # read once: the training mean and the batch
     model, weights = load_model(cfg, device, splits)
-    N, K = model.encoder.shape
     x = validation_batch(cfg, device, splits)
-    estimators, notes = build_estimators(cfg, N, K, device)
+    estimators, notes = build_estimators(cfg, model.latent, device)
 
     torch.manual_seed(seed_for(cfg, "reference"))
     reference = diagnostics.reference_gradient(model, x, chunk_size=cfg.chunk_size, **cfg.reference)
@@ -172,7 +172,7 @@ def study(cfg: DictConfig) -> list[dict]:
         print(f"{name}: {report}")
 
     header = [
-        f"model: N={N} latents, K={K} categories, hidden {list(model.hparams.hidden_dims)}; weights: {weights}",
+        f"model: {model.latent.describe()}, hidden {list(cfg.model.hidden_dims)}; weights: {weights}",
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
         f"gradient of the training loss w.r.t. the encoder parameters",
         f"reference: {reference.describe()}",
@@ -189,7 +189,7 @@ def study(cfg: DictConfig) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     if rows:
-        plot(rows, output_dir / "gradient_study.png", f"N={N}, K={K}; reference: {reference.describe()}")
+        plot(rows, output_dir / "gradient_study.png", f"{model.latent.describe()}; reference: {reference.describe()}")
     print(f"wrote gradient_study.md, .csv, .png in {output_dir}")
     return rows
 

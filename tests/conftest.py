@@ -9,6 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from discrete_vae.latents import Categorical
+from discrete_vae.module import VAEModule
+from discrete_vae.vae import VAE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +47,7 @@ class TinyProblem:
     N, K, D = 2, 3, 6
 
     def __init__(self, seed: int = 0):
+        self.latent = Categorical(self.N, self.K)
         g = torch.Generator().manual_seed(seed)
         self.logits = torch.randn(self.N, self.K, generator=g, dtype=torch.float64)  # (N, K)
         self.weight = torch.randn(self.N * self.K, self.D, generator=g, dtype=torch.float64) * 1.5
@@ -75,7 +80,7 @@ class TinyProblem:
         its own row only, so the gradient of the summed surrogate holds one estimate per row.
         """
         logits = self.logits.expand(num, self.N, self.K).clone().requires_grad_()
-        out = estimator(logits, self.cost)
+        out = estimator(logits, self.cost, self.latent)
         (grad,) = torch.autograd.grad(out.loss.sum(), logits)
         return grad
 
@@ -91,3 +96,16 @@ def assert_mean_matches(samples: torch.Tensor, target: torch.Tensor, z: float = 
     se = samples.std(0) / samples.shape[0] ** 0.5
     excess = (mean - target).abs() - (z * se + atol)
     assert (excess <= 0).all(), f"mean {mean} vs target {target}, standard error {se}"
+
+
+def tiny_vae(num_latents: int = 2, num_categories: int = 3, input_dim: int = 784, hidden_dims=(8,), **kwargs) -> VAE:
+    """A small categorical VAE (PyTorch's initialisation unless output_bias_init is given)."""
+    kwargs.setdefault("output_bias_init", "default")
+    return VAE(Categorical(num_latents, num_categories), input_dim=input_dim, hidden_dims=hidden_dims, **kwargs)
+
+
+def tiny_module(estimator, num_latents: int = 2, num_categories: int = 3, input_dim: int = 784, hidden_dims=(8,),
+                output_bias_init: str = "default", **kwargs) -> VAEModule:
+    """The LightningModule around `tiny_vae`, training with `estimator`."""
+    vae = tiny_vae(num_latents, num_categories, input_dim, hidden_dims, output_bias_init=output_bias_init)
+    return VAEModule(vae, estimator, **kwargs)

@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from discrete_vae.errors import ConfigError
-from discrete_vae.estimators import Estimator, TemperatureEstimator
-from discrete_vae.training import build_model
+from discrete_vae.estimators import Estimator
+from discrete_vae.build import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ESTIMATORS = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))
@@ -27,17 +27,17 @@ def test_the_registry_holds_the_documented_estimators():
 
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_estimator_config_composes_and_instantiates(name):
-    small = ["model.num_latents=2", "model.num_categories=10"] if name == "exact" else []
+    small = ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
     cfg = compose_train([f"estimator={name}", *small])
     estimator = instantiate(cfg.estimator)
     assert isinstance(estimator, Estimator)
     model = build_model(cfg)
     x = (torch.rand(3, 784) < 0.2).float()
-    out = model._estimate(x)
+    out = model.vae.objective(x, model.estimator)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     out.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
-    if isinstance(estimator, TemperatureEstimator):
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.vae.encoder.parameters())
+    if estimator.has_temperature:
         assert estimator.tau.item() == pytest.approx(cfg.estimator.tau)
 
 
@@ -48,8 +48,8 @@ def test_exact_with_the_default_model_fails_at_construction():
 
 def test_defaults_match_jang_2017():
     cfg = compose_train([])
-    assert (cfg.model.num_latents, cfg.model.num_categories, list(cfg.model.hidden_dims)) == (20, 10, [512, 256])
-    assert cfg.model.optimizer.lr == 1e-3 and cfg.data.batch_size == 100
+    assert (cfg.latent.num_latents, cfg.latent.num_categories, list(cfg.model.hidden_dims)) == (20, 10, [512, 256])
+    assert cfg.optimizer.lr == 1e-3 and cfg.data.batch_size == 100
     t = cfg.callbacks.temperature
     assert (t.tau_0, t.tau_min, t.rate, t.interval) == (None, 0.5, 1e-4, 1000)  # starts at estimator.tau
     assert cfg.estimator.tau == 1.0

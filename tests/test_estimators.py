@@ -8,6 +8,7 @@ from conftest import assert_mean_matches
 
 from discrete_vae import estimators as E
 from discrete_vae.errors import ConfigError
+from discrete_vae.latents import Categorical, Latent
 
 
 def test_exact_matches_brute_force_gradient(tiny):
@@ -19,7 +20,7 @@ def test_exact_matches_brute_force_gradient(tiny):
 
 
 def test_exact_value_is_the_expected_cost(tiny):
-    out = E.Exact()(tiny.logits[None], tiny.cost)
+    out = E.Exact()(tiny.logits[None], tiny.cost, tiny.latent)
     q = torch.softmax(tiny.logits, -1)
     brute = sum(
         q[0, i] * q[1, j] * tiny.cost(F.one_hot(torch.tensor([i, j]), 3).double()) for i in range(3) for j in range(3)
@@ -32,7 +33,7 @@ def test_score_function_is_unbiased(tiny):
     sf = E.ScoreFunction(momentum=0.9)
     sf.train()
     for _ in range(5):  # a non-zero baseline from past steps
-        sf(tiny.logits.expand(64, -1, -1), tiny.cost)
+        sf(tiny.logits.expand(64, -1, -1), tiny.cost, tiny.latent)
     assert sf.baseline().abs() > 1.0
     sf.eval()
     baseline = sf.baseline().clone()
@@ -48,7 +49,7 @@ def test_score_function_is_unbiased(tiny):
 def test_score_function_baseline_is_a_bias_corrected_ema(tiny):
     sf = E.ScoreFunction(momentum=0.5)
     assert sf.baseline() == 0
-    out = sf(tiny.logits.expand(10, -1, -1), tiny.cost)
+    out = sf(tiny.logits.expand(10, -1, -1), tiny.cost, tiny.latent)
     assert torch.allclose(sf.baseline(), out.value.mean().float()), "after one step the baseline is that step's mean"
     state = sf.state_dict()
     assert {"ema", "num_updates"} <= set(state), "the baseline is saved in checkpoints"
@@ -80,7 +81,7 @@ def test_straight_through_estimators_report_the_cost_at_a_hard_sample(tiny):
     logits = tiny.logits.expand(1000, -1, -1)
     support = {round(tiny.cost(F.one_hot(torch.tensor([i, j]), 3).double()).item(), 9) for i in range(3) for j in range(3)}
     for est in (E.STGumbelSoftmax(0.5), E.StraightThrough(0.5), E.GumbelRao(0.5, num_mc=3), E.ReinMax(1.3)):
-        values = {round(v, 9) for v in est(logits, tiny.cost).value.tolist()}
+        values = {round(v, 9) for v in est(logits, tiny.cost, tiny.latent).value.tolist()}
         assert values <= support, type(est).__name__
 
 
@@ -95,6 +96,52 @@ def test_bad_estimator_settings_are_config_errors(make):
 
 def test_exact_refuses_over_budget_at_start_up():
     with pytest.raises(ConfigError) as err:
-        E.Exact(max_configs=4096).check(num_latents=20, num_categories=10)
+        E.Exact(max_configs=4096).check(Categorical(20, 10))
     message = str(err.value)
-    assert "20" in message and "10" in message and "4096" in message and "model.num_latents=2" in message
+    assert "N=20" in message and "K=10" in message and "4096" in message and "latent.num_latents=2" in message
+
+
+# -- capabilities: declared by each class, never inferred ------------------------------------------
+ESTIMATORS = {
+    "sf": E.ScoreFunction(), "rloo": E.RLOO(4), "exact": E.Exact(), "gumbel": E.GumbelSoftmax(),
+    "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
+    "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
+}
+
+
+def test_capabilities_are_declared_as_class_attributes():
+    declared = {name: (type(e).deterministic, type(e).has_temperature, type(e).latent_types)
+                for name, e in ESTIMATORS.items()}
+    categorical, anything = ("categorical",), E.ANY_LATENT
+    assert declared == {
+        "sf": (False, False, anything), "rloo": (False, False, anything), "exact": (True, False, anything),
+        "gumbel": (False, True, categorical), "st_gumbel": (False, True, categorical),
+        "st": (False, True, categorical), "gumbel_rao": (False, True, categorical),
+        "reinmax": (False, True, categorical), "gst": (False, True, categorical),
+        "zgr": (False, False, categorical), "indecater": (False, False, categorical),
+    }
+    assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
+
+
+def test_decoder_evaluations_per_example_are_declared():
+    latent = Categorical(20, 10)
+    evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
+    assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
+                           "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1}
+    # what one call of the cost may hold, per example (the diagnostics' memory bound)
+    assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
+    assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16
+    assert E.IndeCateR(num_samples=2, chunk_size=10).decoder_rows(Categorical(3, 5)) == 10
+
+
+class Spins(Latent):
+    """A latent type no estimator names: N units in {-1, +1}."""
+
+    name = "spins"
+    param_shape = (3,)
+
+
+def test_an_estimator_refuses_a_latent_type_it_does_not_declare():
+    with pytest.raises(ConfigError, match="supports categorical latents, not spins"):
+        E.GumbelSoftmax().check(Spins())
+    E.ScoreFunction().check(Spins())  # written against the Latent interface: any type

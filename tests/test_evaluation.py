@@ -21,13 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, tiny_vae
 from discrete_vae import sampling
 from discrete_vae.data import load_binarized_mnist
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import STGumbelSoftmax
 from discrete_vae.evaluation import evaluate, exact_nll, iwae_bound, sample_bounds
-from discrete_vae.model import CategoricalVAE, kl_to_uniform
+from discrete_vae.vae import VAE
 
 Z = 4.0  # standard errors allowed in Monte-Carlo comparisons
 
@@ -46,17 +46,17 @@ def images(data_root):
 
 
 @pytest.fixture(scope="module")
-def small_model(images) -> CategoricalVAE:
+def small_model(images) -> VAE:
     """N=2, K=10, one hidden layer of 64, 300 Adam steps of ST Gumbel-Softmax (a few seconds),
     then the encoder tempered: logits times 0.03, so that q(z|x) is far from one-hot."""
     torch.manual_seed(0)
-    model = CategoricalVAE(STGumbelSoftmax(), num_latents=2, num_categories=10, hidden_dims=(64,))
+    model, estimator = tiny_vae(2, 10, hidden_dims=(64,)), STGumbelSoftmax()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = images["train"]
     for step in range(300):
         x = data[(step * 100) % len(data) :][:100]
         optimizer.zero_grad()
-        model._estimate(x).loss.backward()
+        model.objective(x, estimator).loss.backward()
         optimizer.step()
     with torch.no_grad():
         model.encoder.net[-1].weight.mul_(0.03)
@@ -64,16 +64,16 @@ def small_model(images) -> CategoricalVAE:
     return model.eval()
 
 
-def brute_force_nll(model: CategoricalVAE, x: torch.Tensor) -> torch.Tensor:
+def brute_force_nll(model: VAE, x: torch.Tensor) -> torch.Tensor:
     """-log sum_z p(z) p(x|z) with explicit loops over the K^N configurations.  # (B,)"""
-    N, K = model.hparams.num_latents, model.hparams.num_categories
+    N, K = model.latent.param_shape
     terms = []
     with torch.no_grad():
         for i in range(K):
             for j in range(K):
                 z = torch.zeros(1, N, K)
                 z[0, 0, i] = z[0, 1, j] = 1.0
-                logits_x = model.decoder(z)  # (1, D)
+                logits_x = model.decoder(z.flatten(-2))  # (1, D)
                 log_px = -F.binary_cross_entropy_with_logits(logits_x.expand_as(x), x, reduction="none").sum(-1)
                 terms.append(log_px - N * math.log(K))
     return -torch.logsumexp(torch.stack(terms), dim=0)
@@ -95,7 +95,9 @@ def test_neg_elbo_matches_the_exact_elbo(small_model, images):
         logits = small_model.encoder(x)  # (B, N, K)
         configs = sampling.enumerate_one_hot(2, 10)  # (100, N, K)
         log_q = torch.einsum("cnk,bnk->cb", configs, torch.log_softmax(logits, -1))  # (C, B)
-        exact = (log_q.exp() * small_model.cost(configs[:, None], x)).sum(0) + kl_to_uniform(logits)
+        log_q_kl = torch.log_softmax(logits, -1)  # the KL to the uniform prior, written out
+        kl = (log_q_kl.exp() * log_q_kl).sum((-2, -1)) + 2 * math.log(10)
+        exact = (log_q.exp() * small_model.cost(configs[:, None], x)).sum(0) + kl
     g = torch.Generator().manual_seed(1)
     draws = torch.stack([sample_bounds(small_model, x, 1, g).neg_elbo for _ in range(200)])  # (200, B)
     se = (draws.var(0).sum() / 200).sqrt() / x.shape[0]  # of the mean over draws and images
@@ -155,7 +157,7 @@ def test_evaluate_is_reproducible_and_leaves_the_global_rng(small_model, images)
 
 
 def test_over_budget_nll_exact_is_absent():
-    model = CategoricalVAE(STGumbelSoftmax(), num_latents=20, num_categories=10, hidden_dims=(16,)).eval()
+    model = tiny_vae(20, 10, hidden_dims=(16,)).eval()
     x = (torch.rand(4, 784, generator=torch.Generator().manual_seed(0)) < 0.5).float()
     result = evaluate(model, [x], num_samples=3, seed=0)
     assert result["nll_exact"] is None and math.isfinite(result["nll_iwae"])
@@ -177,7 +179,7 @@ def test_evaluate_script_end_to_end(tmp_path, data_root):
     train = _script(
         str(REPO / "scripts" / "train.py"), "experiment=small_exact", "estimator=st_gumbel", f"data.root={data_root}",
         "data.download=false", "trainer.max_epochs=1", "trainer.limit_train_batches=10", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "model.test_iwae_samples=10", "trainer.enable_progress_bar=false",
+        "trainer.limit_test_batches=1", "test_iwae_samples=10", "trainer.enable_progress_bar=false",
         f"hydra.run.dir='{run_dir}'", cwd=tmp_path,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 
 from discrete_vae.estimators import StraightThrough
-from discrete_vae.model import NVML_CHECK, CategoricalVAE
+from conftest import tiny_module
+from discrete_vae.module import NVML_CHECK, VAEModule
 
 
-def tiny_model() -> CategoricalVAE:
-    return CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5],
-                          output_bias_init="default")  # fmt: skip
+def tiny_model() -> VAEModule:
+    return tiny_module(StraightThrough(), input_dim=4, hidden_dims=[5])
 
 
 def test_a_batch_on_the_device_is_passed_through_untouched():

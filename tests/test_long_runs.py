@@ -40,7 +40,7 @@ def kill_at(step, only=None, sig=None):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 def checkpoint_names(run_dir):
@@ -64,7 +64,7 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
         assert not (broken / "metrics.json").exists()
     # last.ckpt of step 20, an epoch's end, was written after that step's validation (Lightning does
     # not repeat it on resume): its best-checkpoint record has the validation's result
-    states = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    states = torch.load(broken / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     best = next(v for k, v in states.items() if k.startswith("ModelCheckpoint"))
     assert [Path(p).name for p in best["best_k_models"]] == ["best-step20.ckpt"]
     # the checkpoint carries the time spent up to it, and the resumed run's record counts it
@@ -121,15 +121,15 @@ def test_parallel_and_cluster_launchers_run_a_sweep(launcher, data_root, tmp_pat
 def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
     sweep = tmp_path / "sweep"
     # validation every 5 steps, the loss checked every 10: the first validation already sees NaN
-    proc = train(["-m", "model.optimizer.lr=1e20,1e-3", "trainer.max_steps=40", "trainer.val_check_interval=5",
+    proc = train(["-m", "optimizer.lr=1e20,1e-3", "trainer.max_steps=40", "trainer.val_check_interval=5",
                   "trainer.log_every_n_steps=10", *QUICK, f"hydra.sweep.dir={sweep}"], data_root, tmp_path, check=False)
     assert proc.returncode != 0, "the sweep reports the diverged job"
     suffix = ",trainer.max_steps=40,trainer.val_check_interval=5"
-    diverged, healthy = (sweep / f"model.optimizer.lr=1e+20{suffix}", sweep / f"model.optimizer.lr=0.001{suffix}")
+    diverged, healthy = (sweep / f"optimizer.lr=1e+20{suffix}", sweep / f"optimizer.lr=0.001{suffix}")
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))  # noqa: E731
     record = strict((diverged / "metrics.json").read_text())
     assert record["status"] == "diverged" and record["steps"] <= 10
-    assert "diverged at step" in record["error"] and "model.optimizer.lr" in record["error"]
+    assert "diverged at step" in record["error"] and "optimizer.lr" in record["error"]
     assert not list((diverged / "checkpoints").glob("best*")), "a non-finite checkpoint was kept as best"
     assert strict((healthy / "metrics.json").read_text())["status"] == "finished", "the sweep carried on"
 
@@ -138,7 +138,7 @@ def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
     text = (sweep / "report.md").read_text()
     assert "1 diverged" in text and "**diverged**" in text
 
-    single = train(["model.optimizer.lr=1e20", "trainer.max_steps=20", "trainer.log_every_n_steps=5", *QUICK,
+    single = train(["optimizer.lr=1e20", "trainer.max_steps=20", "trainer.log_every_n_steps=5", *QUICK,
                     f"hydra.run.dir={tmp_path / 'single'}"], data_root, tmp_path, check=False)
     assert single.returncode == 1 and "Traceback" not in single.stderr
     assert "training diverged at step 5" in single.stderr and single.stderr.count("training diverged") == 1
@@ -168,8 +168,8 @@ def bad_inputs(trained: Path, tmp: Path):
     train_ = "scripts/train.py"
     return [
         (train_, ["estimator.tau=abc"], "estimator.tau"),
-        (train_, ["model.optimizer.lr=fast"], "model.optimizer.lr must be a number, got 'fast'"),
-        (train_, ["model.optimizer.lr=1e38"], "model.optimizer.lr must be at most"),
+        (train_, ["optimizer.lr=fast"], "optimizer.lr must be a number, got 'fast'"),
+        (train_, ["optimizer.lr=1e38"], "optimizer.lr must be at most"),
         (train_, [f"ckpt_path={ckpt}", "model.num_latents=30"], "has model.num_latents=20, the config says 30"),
         (train_, [f"ckpt_path={ckpt}", "estimator=sf"], "trained with estimator=st_gumbel (STGumbelSoftmax), the config says estimator=sf"),
         (train_, ["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
@@ -282,7 +282,7 @@ def test_a_resume_from_an_epoch_end_checkpoint_is_exact(data_root, tmp_path):
     train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
     train([*SHORT, every_epoch, f"hydra.run.dir={first}"], data_root, tmp_path)
     saved = first / "checkpoints" / "epoch=1.ckpt"
-    assert torch.load(saved, weights_only=False)["global_step"] == 20
+    assert torch.load(saved, weights_only=True)["global_step"] == 20
     train([*SHORT, f"ckpt_path={saved}", f"hydra.run.dir={resumed}"], data_root, tmp_path)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming from an epoch's end"

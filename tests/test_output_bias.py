@@ -12,11 +12,14 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from conftest import REPO, tiny_module
+from discrete_vae.build import build_model
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import StraightThrough
-from discrete_vae.model import CategoricalVAE
-from discrete_vae.training import build_model, quiet_third_party
-from conftest import REPO
+from discrete_vae.latents import Categorical
+from discrete_vae.module import VAEModule
+from discrete_vae.training import quiet_third_party
+from discrete_vae.vae import VAE
 
 # A seed with which gumbel, st_gumbel, st and gumbel_rao all ended with one code after 300
 # steps with PyTorch's initialisation (exact did too, after 100 steps); measured when the
@@ -49,14 +52,14 @@ def train_briefly(cfg, steps: int):
 
 
 @torch.no_grad()
-def codes_and_neg_elbo(model: CategoricalVAE, datamodule) -> tuple[int, float, float]:
+def codes_and_neg_elbo(module: VAEModule, datamodule) -> tuple[int, float, float]:
     """Distinct codes (argmax of q) over the validation images, their negative ELBO, and the
     negative ELBO of the single-code model (decoder = the training mean image, KL = N log K)."""
-    val = datamodule.load_splits()["val"].float()
+    model, val = module.vae, datamodule.load_splits()["val"].float()
     codes = len(torch.unique(model.encoder(val).argmax(-1), dim=0))
     neg_elbo = model.neg_elbo(val, generator=torch.Generator().manual_seed(0)).mean().item()
     mean = datamodule.load_splits()["train"].float().mean(0).expand_as(val)
-    N, K = model.hparams.num_latents, model.hparams.num_categories
+    N, K = model.latent.param_shape
     single_code = F.binary_cross_entropy(mean, val, reduction="none").sum(-1).mean().item() + N * math.log(K)
     return codes, neg_elbo, single_code
 
@@ -65,30 +68,29 @@ def test_output_bias_is_the_logit_of_the_training_mean(data_root):
     cfg = small_exact("st", data_root)
     model, datamodule = train_briefly(cfg, steps=0)  # fit with no step: setup alone
     mean = datamodule.load_splits()["train"].float().mean(0)
-    bias = model.decoder.net[-1].bias.detach()
+    bias = model.vae.decoder.net[-1].bias.detach()
     assert torch.allclose(torch.sigmoid(bias), mean.clamp(1e-3, 1 - 1e-3), atol=1e-6)
     assert bias.min().item() == pytest.approx(math.log(1e-3 / (1 - 1e-3)), rel=1e-5)  # the always-0 corner pixels
-    assert not model.output_bias_pending
+    assert not model.vae.output_bias_pending
 
     before = bias.detach().clone()  # a second fit of the same model leaves the weights alone
     model.setup("fit")
-    assert torch.equal(model.decoder.net[-1].bias, before)
+    assert torch.equal(model.vae.decoder.net[-1].bias, before)
 
 
 def test_default_keeps_pytorch_initialisation(data_root):
     cfg = small_exact("st", data_root, "model.output_bias_init=default")
     L.seed_everything(cfg.seed, verbose=False)  # as train_briefly, before it builds the model
-    fresh = build_model(cfg).decoder.net[-1].bias.detach().clone()
+    fresh = build_model(cfg).vae.decoder.net[-1].bias.detach().clone()
     model, _ = train_briefly(cfg, steps=0)
-    assert torch.equal(model.decoder.net[-1].bias.detach(), fresh)
+    assert torch.equal(model.vae.decoder.net[-1].bias.detach(), fresh)
 
 
 def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
     with pytest.raises(ConfigError, match="output_bias_init='mean'.*data_mean, default"):
-        CategoricalVAE(StraightThrough(), output_bias_init="mean")
+        VAE(Categorical(2, 3), output_bias_init="mean")
 
-    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5],
-                           output_bias_init="data_mean")  # fmt: skip
+    model = tiny_module(StraightThrough(), input_dim=4, hidden_dims=[5], output_bias_init="data_mean")
     loader = [torch.ones(2, 4)]
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
@@ -97,11 +99,10 @@ def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
 
 
 def test_a_loaded_checkpoint_keeps_its_bias(tmp_path):
-    model = CategoricalVAE(StraightThrough(), num_latents=2, num_categories=3, input_dim=4, hidden_dims=[5],
-                           output_bias_init="data_mean")  # fmt: skip
-    assert model.output_bias_pending
+    model = tiny_module(StraightThrough(), input_dim=4, hidden_dims=[5], output_bias_init="data_mean")
+    assert model.vae.output_bias_pending
     model.on_load_checkpoint({})
-    assert not model.output_bias_pending
+    assert not model.vae.output_bias_pending
 
 
 @pytest.mark.parametrize("estimator", [

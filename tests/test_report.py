@@ -194,7 +194,7 @@ def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, t
         return {"steps": steps, "wall_time_s": 60.0, "status": "finished",
                 "metrics": {"val/neg_elbo": test, "test/neg_elbo": test, "test/nll_iwae": test - 5.0}}
 
-    _job(sweep, "gumbel", 1, finished(150.0, 200), extra=["model.optimizer.lr=1e-4", "trainer.max_epochs=1"])
+    _job(sweep, "gumbel", 1, finished(150.0, 200), extra=["optimizer.lr=1e-4", "trainer.max_epochs=1"])
     _job(sweep, "indecater", 1, finished(130.0, 200), extra=["trainer.max_epochs=1"])
     records = tmp_path / "docs" / "results" / "jang2017"
     assert _run(REPORT, "export", sweep, records, cwd=tmp_path).returncode == 0

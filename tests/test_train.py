@@ -30,7 +30,7 @@ def run_train(args, data_root, check=True):
 
 
 def latent_overrides(name):
-    return ["model.num_latents=2", "model.num_categories=10"] if name == "exact" else []
+    return ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -58,7 +58,7 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
 
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and any(c.startswith("best") for c in checkpoints)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["config"]["seed"] == 0 and any(k.startswith("encoder.") for k in state["state_dict"])
     assert ("estimator.tau" in state["state_dict"]) == has_tau
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -124,7 +124,7 @@ def test_the_temperature_set_is_the_temperature_used(data_root, tmp_path):
     run_train(["estimator=gumbel", "estimator.tau=5", *TINY, f"hydra.run.dir={run_dir}"], data_root)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     assert [e.value for e in events.Scalars("train/temperature")] == [5.0] * 4
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"]["estimator.tau"].item() == 5.0
 
     proc = run_train(["estimator=gumbel", "estimator.tau=0.2", *TINY, f"hydra.run.dir={tmp_path / 'low'}"], data_root, check=False)

@@ -5,13 +5,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftest import tiny_module
 from discrete_vae import estimators as E
 from discrete_vae.callbacks import TemperatureAnnealing, temperature_schedule
 from discrete_vae.data import Batches
 from discrete_vae.errors import ConfigError
-from discrete_vae.model import CategoricalVAE
 
 
 def test_schedule_formula():
@@ -35,7 +34,7 @@ class Recorder(L.Callback):
 def tiny_fit(estimator, max_steps, tmp_path, ckpt_path=None, anneal=None):
     torch.manual_seed(0)
     data = (torch.rand(64, 16) < 0.3).to(torch.uint8)
-    model = CategoricalVAE(estimator, num_latents=2, num_categories=3, input_dim=16, hidden_dims=[8])
+    model = tiny_module(estimator, input_dim=16)
     anneal = anneal or TemperatureAnnealing(tau_0=1.0, tau_min=0.5, rate=0.1, interval=3)
     recorder = Recorder()
     trainer = L.Trainer(
@@ -56,7 +55,7 @@ def test_callback_follows_the_schedule_and_resumes_exactly(tmp_path):
     assert [t for _, t in seen] == pytest.approx([expected(s) for s in range(7)])
     path = tmp_path / "step7.ckpt"
     trainer.save_checkpoint(path)
-    assert torch.load(path, weights_only=False)["state_dict"]["estimator.tau"].item() == pytest.approx(expected(6))
+    assert torch.load(path, weights_only=True)["state_dict"]["estimator.tau"].item() == pytest.approx(expected(6))
 
     _, _, resumed = tiny_fit(E.GumbelSoftmax(tau=1.0), 14, tmp_path, ckpt_path=path)
     assert [s for s, _ in resumed] == list(range(7, 14))
@@ -88,7 +87,7 @@ def test_a_start_below_the_floor_is_refused(tmp_path):
 def test_callback_ignores_estimators_without_temperature(tmp_path):
     torch.manual_seed(0)
     data = (torch.rand(32, 16) < 0.3).to(torch.uint8)
-    model = CategoricalVAE(E.ScoreFunction(), num_latents=2, num_categories=3, input_dim=16, hidden_dims=[8])
+    model = tiny_module(E.ScoreFunction(), input_dim=16)
     trainer = L.Trainer(
         max_steps=3, callbacks=[TemperatureAnnealing()], logger=False, enable_checkpointing=False, log_every_n_steps=1,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
@@ -102,46 +101,3 @@ def test_callback_ignores_estimators_without_temperature(tmp_path):
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="interval"):
         TemperatureAnnealing(interval=0)
-
-
-def test_wall_clock_carries_the_time_of_earlier_processes():
-    from discrete_vae.callbacks import WallClock
-
-    clock = WallClock()
-    assert clock.state_dict() == {"elapsed_s": 0.0}  # nothing run yet
-    clock.load_state_dict({"elapsed_s": 100.0})  # a resume: 100 s before the checkpoint
-    clock.on_fit_start(None, None)
-    assert clock.before == 100.0 and clock.state_dict()["elapsed_s"] >= 100.0
-    clock.load_state_dict({"elapsed_s": 5000.0})  # trainer.test restoring the best checkpoint's callbacks
-    assert clock.before == 100.0, "the tested checkpoint's time was added to the run's"
-    fresh = WallClock()
-    fresh.load_state_dict({})  # a checkpoint written before the clock existed
-    assert fresh.before == 0.0
-
-
-def test_best_checkpoint_record_follows_a_moved_folder(tmp_path):
-    """The stored paths are moved onto the current folder; files not there are dropped, and the
-    best and k-th are those of the files kept. Lightning's class forgets the whole record."""
-    from discrete_vae.callbacks import BestCheckpoint
-
-    old, new = "/elsewhere/run/checkpoints", tmp_path / "checkpoints"
-    new.mkdir()
-    for name in ("best-step10.ckpt", "best-step20.ckpt"):
-        (new / name).touch()  # best-step30 did not come along
-    state = {
-        "dirpath": old, "best_model_path": f"{old}/best-step30.ckpt", "best_model_score": torch.tensor(1.0),
-        "kth_best_model_path": f"{old}/best-step10.ckpt", "kth_value": torch.tensor(3.0),
-        "last_model_path": "", "current_score": torch.tensor(1.0), "monitor": "val/neg_elbo",
-        "best_k_models": {f"{old}/best-step{s}.ckpt": torch.tensor(v) for s, v in ((10, 3.0), (20, 2.0), (30, 1.0))},
-    }
-    callback = BestCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
-    twin = ModelCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
-    assert callback.state_key == twin.state_key  # checkpoints of Lightning's class resume into it
-    callback.load_state_dict(state)
-    assert set(callback.best_k_models) == {str(new / "best-step10.ckpt"), str(new / "best-step20.ckpt")}
-    assert callback.best_model_path == str(new / "best-step20.ckpt") and callback.best_model_score == 2.0
-    assert callback.kth_best_model_path == str(new / "best-step10.ckpt") and callback.kth_value == 3.0
-
-    unmoved = BestCheckpoint(dirpath=old, monitor="val/neg_elbo", mode="min", save_top_k=3)
-    unmoved.load_state_dict(state)  # same folder: Lightning's restore, untouched
-    assert unmoved.best_model_path == f"{old}/best-step30.ckpt" and len(unmoved.best_k_models) == 3

@@ -38,7 +38,7 @@ def test_gst_forward_is_the_sample_and_backward_is_its_formula(tiny, monkeypatch
     use_sample(monkeypatch, z)
     seen = []
     estimator = E.GappedStraightThrough(tau=0.7, gap=1.0)
-    out = estimator(logits, lambda y: seen.append(y) or tiny.cost(y))
+    out = estimator(logits, lambda y: seen.append(y) or tiny.cost(y), tiny.latent)
     assert torch.equal(seen[0].detach(), z), "the forward pass is exactly the one-hot sample"
     (grad,) = torch.autograd.grad(out.loss.sum(), logits)
 
@@ -64,7 +64,7 @@ def test_gst_needs_a_non_negative_gap():
 def test_zgr_is_half_straight_through_plus_half_darn(tiny, monkeypatch, seed):
     logits, z = one_sample(tiny, seed)
     use_sample(monkeypatch, z)
-    out = E.ZGR()(logits, tiny.cost)
+    out = E.ZGR()(logits, tiny.cost, tiny.latent)
     (grad,) = torch.autograd.grad(out.loss.sum(), logits)
 
     g = grad_of_cost_at(tiny, z)  # (1, N, K)
@@ -97,10 +97,14 @@ def test_indecater_mean_gradient_is_the_exact_gradient(tiny):
 
 
 def test_indecater_has_less_variance_than_rloo_at_equal_decoder_evaluations(tiny):
-    """IndeCateR with one sample evaluates the decoder N*K = 6 times (+1 for the value); RLOO gets 6."""
+    """IndeCateR with one sample evaluates the decoder N (K - 1) + 1 = 5 times (the sample and its
+    changes of one latent); RLOO gets as many samples, as each declares."""
     torch.manual_seed(0)
-    indecater = tiny.sample_grads(E.IndeCateR(num_samples=1), 20_000)
-    rloo = tiny.sample_grads(E.RLOO(num_samples=6), 20_000)
+    estimator = E.IndeCateR(num_samples=1)
+    evaluations = estimator.decoder_evaluations(tiny.latent)
+    assert evaluations == tiny.N * (tiny.K - 1) + 1 == 5
+    indecater = tiny.sample_grads(estimator, 20_000)
+    rloo = tiny.sample_grads(E.RLOO(num_samples=evaluations), 20_000)
     ratio = indecater.var(0).sum() / rloo.var(0).sum()
     assert ratio < 0.5, f"measured variance ratio IndeCateR / RLOO = {ratio:.3f}"  # about 0.02 here
 
@@ -108,7 +112,7 @@ def test_indecater_has_less_variance_than_rloo_at_equal_decoder_evaluations(tiny
 def test_indecater_is_the_rao_blackwellised_sum_for_a_fixed_sample(tiny, monkeypatch):
     logits, z = one_sample(tiny, 0)
     use_sample(monkeypatch, z)
-    out = E.IndeCateR(num_samples=1, chunk_size=1)(logits, tiny.cost)
+    out = E.IndeCateR(num_samples=1, chunk_size=1)(logits, tiny.cost, tiny.latent)
     (grad,) = torch.autograd.grad(out.loss.sum(), logits)
     q = torch.softmax(logits.detach(), -1)[0]  # (N, K)
     expected = torch.zeros_like(q)
@@ -131,10 +135,10 @@ def test_zgr_equals_reinmax_at_tau_1(tiny, monkeypatch, seed):
     (diag(p) - p p^T + (D - p)(D - p)^T) / 2: same sample, same gradient."""
     logits, z = one_sample(tiny, seed)
     use_sample(monkeypatch, z)
-    (zgr,) = torch.autograd.grad(E.ZGR()(logits, tiny.cost).loss.sum(), logits)
-    (reinmax,) = torch.autograd.grad(E.ReinMax(tau=1.0, tau_min=None)(logits, tiny.cost).loss.sum(), logits)
+    (zgr,) = torch.autograd.grad(E.ZGR()(logits, tiny.cost, tiny.latent).loss.sum(), logits)
+    (reinmax,) = torch.autograd.grad(E.ReinMax(tau=1.0, tau_min=None)(logits, tiny.cost, tiny.latent).loss.sum(), logits)
     torch.testing.assert_close(zgr, reinmax)
-    (warmer,) = torch.autograd.grad(E.ReinMax(tau=1.3)(logits, tiny.cost).loss.sum(), logits)
+    (warmer,) = torch.autograd.grad(E.ReinMax(tau=1.3)(logits, tiny.cost, tiny.latent).loss.sum(), logits)
     assert not torch.allclose(zgr, warmer), "the comparison can fail: ReinMax at tau 1.3 differs"
 
 
@@ -146,4 +150,3 @@ def test_one_latent_changes_moves_exactly_one_latent_to_each_other_category():
     assert (differs.sum(-1) == 1).all(), "exactly one latent moved"
     chunks = torch.cat([sampling.one_latent_changes(z, s, s + 7) for s in range(0, 24, 7)])
     assert torch.equal(chunks, changes), "chunks are slices of the whole"
-    assert E.IndeCateR(num_samples=2, chunk_size=10).decoder_rows(3, 5) == 10

@@ -56,7 +56,7 @@ def test_rloo_is_the_leave_one_out_formula(tiny, monkeypatch):
     z = F.one_hot(idx, 3).double()[:, None]  # (S, B=1, N, K)
     fixed_samples(monkeypatch, z)
     logits = tiny.logits[None].clone().requires_grad_()  # (1, N, K)
-    out = E.RLOO(4)(logits, tiny.cost)
+    out = E.RLOO(4)(logits, tiny.cost, tiny.latent)
     (grad,) = torch.autograd.grad(out.loss.sum(), logits)
     f = tiny.cost(z[:, 0])  # (S,)
     baseline = torch.stack([torch.cat([f[:i], f[i + 1 :]]).mean() for i in range(4)])
@@ -122,7 +122,7 @@ def test_gumbel_rao_forward_is_the_hard_sample_and_noise_has_no_gradient(tiny, m
     torch.manual_seed(3)
     logits = tiny.logits.expand(100, -1, -1).clone().requires_grad_()
     z_seen = []
-    E.GumbelRao(tau=0.5, num_mc=7)(logits, lambda z: z_seen.append(z) or tiny.cost(z))
+    E.GumbelRao(tau=0.5, num_mc=7)(logits, lambda z: z_seen.append(z) or tiny.cost(z), tiny.latent)
     (z,) = z_seen
     assert torch.equal(z, sampling.one_hot_argmax(z.detach()))  # exactly one-hot
     (noise,) = seen
@@ -141,7 +141,7 @@ def expected_gradient_over_d(tiny, estimator, cost, monkeypatch) -> torch.Tensor
     configs = sampling.enumerate_one_hot(tiny.N, tiny.K, dtype=torch.float64)  # (C, N, K)
     fixed_samples(monkeypatch, configs)
     logits = tiny.logits.expand(len(configs), -1, -1).clone().requires_grad_()
-    (grads,) = torch.autograd.grad(estimator(logits, cost).loss.sum(), logits)  # (C, N, K)
+    (grads,) = torch.autograd.grad(estimator(logits, cost, tiny.latent).loss.sum(), logits)  # (C, N, K)
     q = sampling.log_prob_categorical(tiny.logits, configs).exp()  # (C,)
     return (q[:, None, None] * grads).sum(0)
 

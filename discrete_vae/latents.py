@@ -1,0 +1,124 @@
+"""Latent types: what z is, under the encoder's parameters and under the prior.
+
+The VAE (discrete_vae.vae) and the estimators (discrete_vae.estimators) never assume a shape
+of z: they ask the latent type. One latent type is one class here (with one YAML file in
+conf/latent/); it owns
+- `param_shape`: the shape of the encoder's output per example, e.g. (N, K) logits;
+- `sample` / `log_prob`: z ~ q(z|x) as the decoder receives it, and log q(z|x) summed over
+  the latents (noise comes from discrete_vae.sampling, the one place it is drawn);
+- `kl` / `prior_log_prob` / `prior_sample`: the prior p(z), with the analytic KL(q || p);
+- `num_configs` / `enumerate`: every z in a fixed order, for exact enumeration;
+- `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width.
+
+Capabilities are declared as class attributes, as torch.distributions does (`has_rsample`):
+`name` is what an estimator lists in its `latent_types` to say it supports this type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from discrete_vae import sampling
+from discrete_vae.errors import require_number
+
+Size = tuple[int, ...] | torch.Size
+
+
+class Latent(nn.Module):
+    """Base class of latent types. An nn.Module so that a learned prior's parameters, if a type has
+    them, train and checkpoint with the model. Shapes: logits (*S, B, *param_shape), z likewise."""
+
+    name: str = ""  # what estimators list in `latent_types`
+    event_dims: int = 1  # trailing dims of `param_shape` that are one example's latents
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:  # pragma: no cover - every type defines it
+        raise NotImplementedError
+
+    @property
+    def decoder_dim(self) -> int:
+        """The width of `decoder_input(z)`."""
+        return math.prod(self.param_shape)
+
+    def decoder_input(self, z: Tensor) -> Tensor:
+        """z as the decoder receives it: the example's dims flattened.  # (..., *param_shape) -> (..., D_z)"""
+        return z.flatten(-len(self.param_shape))
+
+    def sample(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def log_prob(self, logits: Tensor, z: Tensor) -> Tensor:  # pragma: no cover
+        """log q(z|x), summed over the example's latents.  # -> (...)"""
+        raise NotImplementedError
+
+    def kl(self, logits: Tensor) -> Tensor:  # pragma: no cover
+        """KL(q(z|x) || p(z)), analytic.  # (B, *param_shape) -> (B,)"""
+        raise NotImplementedError
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def prior_sample(self, num: int, generator=None, device=None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def num_configs(self) -> int:  # pragma: no cover
+        """How many distinct z there are (for exact enumeration)."""
+        raise NotImplementedError
+
+    def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:  # pragma: no cover
+        """Configurations [start, end) of the `num_configs`, in a fixed order.  # (C, *param_shape)"""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} {self.param_shape}"
+
+
+class Categorical(Latent):
+    """N independent categorical latents of K categories, one-hot, under a uniform prior
+    (Jang et al. 2017, Sec. 4.2: N = 20, K = 10). The encoder gives logits (N, K).
+
+    KL(q || Uniform) = sum_n sum_k q_nk log q_nk + N log K (analytic; Jang et al. 2017, App.);
+    log p(z) = -N log K for every z.
+    """
+
+    name = "categorical"
+
+    def __init__(self, num_latents: int = 20, num_categories: int = 10):
+        super().__init__()
+        self.num_latents = int(require_number("latent.num_latents", num_latents, positive=True, integer=True))
+        self.num_categories = int(require_number("latent.num_categories", num_categories, low=2, integer=True,
+                                                 hint="a categorical latent needs at least 2 categories"))
+
+    @property
+    def param_shape(self) -> tuple[int, int]:
+        return (self.num_latents, self.num_categories)
+
+    def sample(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.gumbel_max(logits, sample_shape, generator)  # (*S, B, N, K) one-hot
+
+    def log_prob(self, logits: Tensor, z: Tensor) -> Tensor:
+        return sampling.log_prob_categorical(logits, z)
+
+    def kl(self, logits: Tensor) -> Tensor:
+        log_q = torch.log_softmax(logits, dim=-1)  # (B, N, K)
+        return (log_q.exp() * log_q).sum(dim=(-2, -1)) + self.num_latents * math.log(self.num_categories)
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        return z.new_full(z.shape[:-2], -self.num_latents * math.log(self.num_categories))
+
+    def prior_sample(self, num: int, generator=None, device=None) -> Tensor:
+        return sampling.gumbel_max(torch.zeros(num, *self.param_shape, device=device), generator=generator)
+
+    @property
+    def num_configs(self) -> int:
+        return self.num_categories**self.num_latents
+
+    def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
+        return sampling.enumerate_one_hot(self.num_latents, self.num_categories, start, end, device=device, dtype=dtype)
+
+    def describe(self) -> str:
+        return f"N={self.num_latents} categorical latents of K={self.num_categories}"

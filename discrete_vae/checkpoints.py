@@ -96,7 +96,8 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
-# The settings that decide the shapes of the saved state: a checkpoint only fits a model with the same.
+# The settings that decide the shapes of the saved state: a checkpoint only fits a model with the
+# same (the whole latent node: its type and every one of its settings).
 ARCHITECTURE_KEYS = ("model.input_dim", "model.hidden_dims", "model.activation", "latent")
 
 
@@ -106,16 +107,26 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
+    """{"latent.num_latents": 20, ...} of a config node (itself when it is a value)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+
+
 def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: dict[str, Any], path: Path, choices: dict[str, str]) -> None:
     """A ConfigError naming the setting in which the checkpoint and the configured run (`cfg`,
     resolved; `choices`, its group choices) differ."""
     saved = checkpoint["config"]
     fix = ("Resume with the checkpoint's settings (drop the override), or start a new run "
            "(another hydra.run.dir, or resume=never without ckpt_path).")
-    for key in ARCHITECTURE_KEYS:
-        have, want = _get(saved, key), _get(cfg, key)
-        if have != want:
-            raise ConfigError(f"the checkpoint {path} has {key}={have}, the config says {want}. {fix}")
+    for node in ARCHITECTURE_KEYS:
+        have, want = _leaves(_get(saved, node), node), _leaves(_get(cfg, node), node)
+        for key in sorted(have.keys() | want.keys()):
+            if have.get(key) != want.get(key):
+                raise ConfigError(
+                    f"the checkpoint {path} has {key}={have.get(key)}, the config says {want.get(key)}. {fix}"
+                )
     have, want = saved["estimator"]["_target_"], cfg["estimator"]["_target_"]
     if have != want:
         name = lambda choice, target: f"estimator={choice} ({target.rsplit('.', 1)[-1]})" if choice else target  # noqa: E731

@@ -13,18 +13,16 @@ compared under many estimators (scripts/gradient_study.py), and the LightningMod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discrete_vae.errors import ConfigError
+from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Decoder, Encoder
-
-if TYPE_CHECKING:  # annotations only: estimators import nothing from here
-    from discrete_vae.estimators import Estimator
 
 OUTPUT_BIAS_INITS = ("data_mean", "default")
 MEAN_CLAMP = 1e-3  # the training mean pixel is clamped to [1e-3, 1 - 1e-3] before its logit (as Burda et al.)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from discrete_vae.training import load_checkpoint
+from discrete_vae.build import load_checkpoint
 
 from conftest import REPO
 

@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import tiny_module
 from discrete_vae import sampling
 from discrete_vae.estimators import STGumbelSoftmax
-from discrete_vae.model import CategoricalVAE
 from test_long_runs import SHORT, kill_at, scalars, train, weights
 
 pytestmark = pytest.mark.gpu
@@ -45,8 +45,7 @@ class SyncIsAnError(L.Callback):
 
 
 def test_the_training_step_makes_no_host_synchronisation():
-    model = CategoricalVAE(STGumbelSoftmax(), num_latents=4, num_categories=5, input_dim=16,
-                           hidden_dims=[32], output_bias_init="default")  # fmt: skip
+    model = tiny_module(STGumbelSoftmax(), num_latents=4, num_categories=5, input_dim=16, hidden_dims=[32])
     data = (torch.rand(6, 10, 16) < 0.5).float().cuda()  # 6 batches of 10, already on the device
     probe = SyncIsAnError()
     # no step logs (log_every_n_steps > steps): a logging step hands tensors to the logger, which

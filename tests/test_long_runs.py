@@ -52,9 +52,17 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root) -> Path:
+    """The uninterrupted run of SHORT, which the interrupted and resumed runs below must repeat
+    exactly. last.ckpt every 4 steps: a run saving it less often ends with the same files and events."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train([*SHORT, f"hydra.run.dir={run}"], data_root, run.parent)
+    return run
+
+
+def test_kill_and_resume_is_bit_identical(straight, data_root, tmp_path):
+    broken = tmp_path / "broken"
 
     # killed at step 11 (resumes from step 8, mid-epoch, with the best checkpoint of step 10 written
     # past it), then at 22 (from 20, an epoch's end)
@@ -170,7 +178,7 @@ def bad_inputs(trained: Path, tmp: Path):
         (train_, ["estimator.tau=abc"], "estimator.tau"),
         (train_, ["optimizer.lr=fast"], "optimizer.lr must be a number, got 'fast'"),
         (train_, ["optimizer.lr=1e38"], "optimizer.lr must be at most"),
-        (train_, [f"ckpt_path={ckpt}", "model.num_latents=30"], "has model.num_latents=20, the config says 30"),
+        (train_, [f"ckpt_path={ckpt}", "latent.num_latents=30"], "has latent.num_latents=20, the config says 30"),
         (train_, [f"ckpt_path={ckpt}", "estimator=sf"], "trained with estimator=st_gumbel (STGumbelSoftmax), the config says estimator=sf"),
         (train_, ["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
         ("scripts/evaluate.py", [f"ckpt_path={truncated}"], f"cannot read the checkpoint {truncated}"),
@@ -238,11 +246,10 @@ def test_one_process_per_run_folder(data_root, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
 
 
-def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data_root, tmp_path):
+def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(straight, data_root, tmp_path):
     # last.ckpt only every 25 steps: the kill at step 12 comes after the best checkpoint of step 10
     args = [*SHORT, "callbacks.latest.every_n_train_steps=25"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train([*args, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    broken = tmp_path / "broken"
     proc = train([*args, kill_at(12), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert checkpoint_names(broken) == ["best-step10.ckpt"]
@@ -255,12 +262,11 @@ def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(data
         assert scalars(straight, tag) == scalars(broken, tag), tag
 
 
-def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(data_root, tmp_path):
+def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(straight, data_root, tmp_path):
     """A killed run resumed from another place (a sweep carried to another machine): the best
     checkpoint's record follows the folder, so the earlier best is replaced, not left beside the
     new one and forgotten (Lightning keeps it only when the folder has not moved)."""
-    straight, broken, moved = tmp_path / "straight", tmp_path / "broken", tmp_path / "elsewhere" / "run"
-    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    broken, moved = tmp_path / "broken", tmp_path / "elsewhere" / "run"
     proc = train([*SHORT, kill_at(22), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     moved.parent.mkdir()
@@ -273,13 +279,12 @@ def test_a_run_folder_moved_before_its_resume_keeps_one_best_checkpoint(data_roo
     assert ra["metrics"] == rm["metrics"] and Path(rm["best_checkpoint"]).parent == moved / "checkpoints"
 
 
-def test_a_resume_from_an_epoch_end_checkpoint_is_exact(data_root, tmp_path):
+def test_a_resume_from_an_epoch_end_checkpoint_is_exact(straight, data_root, tmp_path):
     """Lightning's own ModelCheckpoint saves at an epoch's end by default, and Lightning resumes
     from there without restoring the data position: the epoch's order comes from the trainer."""
-    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
     every_epoch = ("+callbacks.epochs={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
                    "save_top_k:-1,every_n_epochs:1,filename:'{epoch}'}")
-    train([*SHORT, f"hydra.run.dir={straight}"], data_root, tmp_path)
     train([*SHORT, every_epoch, f"hydra.run.dir={first}"], data_root, tmp_path)
     saved = first / "checkpoints" / "epoch=1.ckpt"
     assert torch.load(saved, weights_only=True)["global_step"] == 20

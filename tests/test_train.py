@@ -33,10 +33,21 @@ def latent_overrides(name):
     return ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
 
 
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory) -> dict:
+    """Every estimator trained a few steps through scripts/train.py: one multirun for those that fit
+    the default 20x10 model and one run for exact (2x10), two processes in all.  # name -> run folder"""
+    sweep = tmp_path_factory.mktemp("every_estimator")
+    others = [name for name in ESTIMATORS if name != "exact"]
+    run_train(["-m", f"estimator={','.join(others)}", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
+    run_train(["estimator=exact", "seed=2", *latent_overrides("exact"), *TINY, f"hydra.run.dir={sweep / 'exact'}"],
+              data_root)
+    return {name: sweep / (name if name == "exact" else f"{name},seed=2,trainer.max_epochs=1") for name in ESTIMATORS}
+
+
 @pytest.mark.parametrize("name", ESTIMATORS)
-def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
-    run_dir = tmp_path / "run"
-    run_train([f"estimator={name}", *latent_overrides(name), *TINY, f"hydra.run.dir={run_dir}"], data_root)
+def test_every_estimator_trains_and_logs(name, trained):
+    run_dir = trained[name]
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
@@ -54,12 +65,12 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
     assert "val/neg_elbo" in {m.name.tag for m in experiment.metric_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["choice/estimator"].string_value == name
-    assert session.hparams["model/num_latents"].number_value == (2 if name == "exact" else 20)
+    assert session.hparams["latent/num_latents"].number_value == (2 if name == "exact" else 20)
 
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and any(c.startswith("best") for c in checkpoints)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["config"]["seed"] == 0 and any(k.startswith("encoder.") for k in state["state_dict"])
+    assert state["config"]["seed"] == 2 and any(k.startswith("vae.encoder.") for k in state["state_dict"])
     assert ("estimator.tau" in state["state_dict"]) == has_tau
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["estimator"] == name and metrics["steps"] == 4
@@ -68,12 +79,11 @@ def test_every_estimator_trains_and_logs(name, data_root, tmp_path):
     assert metrics["commit"] is None or len(metrics["commit"]) >= 7  # None outside a git checkout
 
 
-def test_multirun_names_runs_by_their_overrides(data_root, tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train(["-m", "estimator=gumbel,st", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
+def test_multirun_names_runs_by_their_overrides(trained):
+    sweep = trained["gumbel"].parent
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     # the estimator first, then the seed; budgets like limit_*_batches are excluded, max_epochs is kept
-    assert runs == ["gumbel,seed=2,trainer.max_epochs=1", "st,seed=2,trainer.max_epochs=1"]
+    assert runs == sorted(["exact", *(f"{name},seed=2,trainer.max_epochs=1" for name in ESTIMATORS if name != "exact")])
     for run in runs:
         assert list((sweep / run).glob("events.out.tfevents.*")), run
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()
@@ -94,7 +104,8 @@ def test_a_refused_job_does_not_stop_the_sweep(data_root, tmp_path):
 def test_exact_over_budget_is_refused_with_a_clear_message(data_root, tmp_path):
     proc = run_train(["estimator=exact", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], data_root, check=False)
     assert proc.returncode != 0
-    assert "10^20" in proc.stderr and "max_configs=4096" in proc.stderr and "model.num_latents=2" in proc.stderr
+    assert "1e+20 configurations of N=20 categorical latents of K=10" in proc.stderr
+    assert "max_configs=4096" in proc.stderr and "latent.num_latents=2" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -114,7 +125,7 @@ def test_unknown_estimator_lists_the_available_ones(data_root, tmp_path):
 
 def test_help_shows_the_groups(data_root):
     proc = run_train(["--help"], data_root)
-    for group in ("data", "model", "estimator", "trainer", "callbacks", "logger"):
+    for group in ("data", "latent", "model", "estimator", "trainer", "callbacks", "logger"):
         assert f"{group}:" in proc.stdout, proc.stdout
     assert "st_gumbel" in proc.stdout
 

@@ -110,7 +110,7 @@ class VAEModule(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self.vae.objective(batch, self.estimator)
-        if self._trainer is not None and logs_this_step(self.trainer):
+        if logs_this_step(self.trainer):
             self.log_dict(
                 {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
                 on_step=True, on_epoch=False, batch_size=batch.shape[0],

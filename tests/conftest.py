@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,20 @@ def shared_data_root() -> Path:
     """$DISCRETE_VAE_DATA if set, else ../shared/data beside the repository."""
     root = os.environ.get("DISCRETE_VAE_DATA")
     return Path(root).resolve() if root else (REPO.parent / "shared" / "data").resolve()
+
+
+def run_script(script: str, *args, env: dict | None = None, cwd: Path = REPO, check: bool = True,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python scripts/<script> args...` as a user runs it, output captured: the data from
+    `shared_data_root()`, this folder on PYTHONPATH (probes.py's callbacks), Python's warnings off;
+    `env` adds or replaces variables. With `check`, a non-zero exit fails the test with its stderr."""
+    env = {**os.environ, "DISCRETE_VAE_DATA": str(shared_data_root()), "PYTHONPATH": str(REPO / "tests"),
+           "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

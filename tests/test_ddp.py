@@ -7,33 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import lightning as L
 import pytest
-import torch
 from hydra.utils import instantiate
 
 from discrete_vae.build import load_checkpoint
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("ddp")
     run = tmp / "run"
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(REPO / "tests"),
-           "PROBE_DIR": str(tmp), "PYTHONWARNINGS": "ignore"}
+    env = {"DISCRETE_VAE_DATA": str(data_root), "PROBE_DIR": str(tmp)}
     args = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
             "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "num_threads=1",
             "+callbacks.rows={_target_:probes.RecordRows}", f"hydra.run.dir={run}"]
-    proc = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("train.py", *args, env=env, timeout=600)
     return run, tmp
 
 

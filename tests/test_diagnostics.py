@@ -4,16 +4,13 @@ scripts/gradient_study.py end to end, on a tiny model (N=2, K=3, one hidden laye
 import copy
 import csv
 import math
-import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import REPO, tiny_module
+from conftest import run_script, tiny_module
 from discrete_vae import diagnostics as D
 from discrete_vae import estimators as E
 from discrete_vae.callbacks import GradientStats
@@ -187,16 +184,13 @@ def test_gradient_study_script_end_to_end(tmp_path, data_root):
     """Tiny budget; the exact estimator is refused by its own budget (a printed note) and the
     reference is then RLOO, as for the default N=20, K=10 model."""
     out = tmp_path / "study"
-    command = [
-        sys.executable, str(REPO / "scripts" / "gradient_study.py"),
-        "latent.num_latents=2", "latent.num_categories=3", "model.hidden_dims=[32]", "batch_size=8",
+    result = run_script(
+        "gradient_study.py", "latent.num_latents=2", "latent.num_categories=3", "model.hidden_dims=[32]", "batch_size=8",
         "num_estimates=4", "timing_repeats=1", "estimators=[exact,sf,rloo,gumbel_rao,reinmax]",
         "+estimator_options.exact.max_configs=4", "reference.max_configs=4",
         "reference.num_estimates=20", "temperature=0.7", f"hydra.run.dir={out}",
-    ]
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+        env={"DISCRETE_VAE_DATA": str(data_root)}, cwd=tmp_path,
+    )
     assert "skipping estimator exact" in result.stdout
     table = (out / "gradient_study.md").read_text()
     assert "mean of 20 RLOO estimates" in table and "tau = 0.7 for all" in table

@@ -5,8 +5,6 @@ estimator, with nothing in the package to edit. Here both live in a folder of th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import REPO, run_script
 from discrete_vae.build import build_model, load_checkpoint
 from discrete_vae.errors import ConfigError
 from discrete_vae.evaluation import evaluate
@@ -122,13 +120,10 @@ def test_the_new_parts_plug_in_and_the_estimators_say_what_they_support(user_par
 
 def test_a_run_with_them_trains_checkpoints_and_evaluates(user_parts, data_root, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(user_parts), "PYTHONWARNINGS": "ignore"}
     args = [f"hydra.searchpath=[file://{user_parts / 'conf'}]", "latent=bits", "estimator=plain_reinforce",
             "trainer.max_steps=6", "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
             "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
-    proc = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(user_parts)})
     record = json.loads((run / "metrics.json").read_text())
     assert record["status"] == "finished" and record["estimator"] == "plain_reinforce" and record["steps"] == 6
     module, cfg = load_checkpoint(run / "checkpoints" / "last.ckpt")

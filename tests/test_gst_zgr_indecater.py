@@ -80,10 +80,10 @@ def test_zgr_is_gumbel_rao_at_zero_temperature(tiny):
     torch.manual_seed(0)
     zgr = tiny.sample_grads(E.ZGR(), 40_000)
     torch.manual_seed(1)
-    cold = tiny.sample_grads(E.GumbelRao(tau=0.02, num_mc=200), 40_000)
+    cold = tiny.sample_grads(E.GumbelRao(tau=0.02, num_mc=20), 40_000)  # num_mc moves the variance, not the mean
     se = (zgr.var(0) / len(zgr) + cold.var(0) / len(cold)).sqrt()
     assert ((zgr.mean(0) - cold.mean(0)).abs() <= 5 * se + 1e-3).all(), (zgr.mean(0), cold.mean(0), se)
-    warm = tiny.sample_grads(E.GumbelRao(tau=1.0, num_mc=200), 40_000)
+    warm = tiny.sample_grads(E.GumbelRao(tau=1.0, num_mc=20), 40_000)
     assert ((zgr.mean(0) - warm.mean(0)).abs() > 5 * se).any(), "the comparison can fail: tau=1 differs"
 
 

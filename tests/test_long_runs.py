@@ -5,19 +5,16 @@ every bad input gives one clear line and exit status 1."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+from conftest import run_script
 
 QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 # 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2
@@ -25,13 +22,9 @@ SHORT = ["trainer.max_epochs=3", "trainer.limit_train_batches=10", "trainer.log_
          "callbacks.latest.every_n_train_steps=4", "seed=3", *QUICK]
 
 
-def train(args, data_root, tmp_path, check=True, script="scripts/train.py"):
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(REPO / "tests"),
-           "KILL_ONCE_DIR": str(tmp_path), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def train(args, data_root, tmp_path, check=True, script="train.py"):
+    env = {"DISCRETE_VAE_DATA": str(data_root), "KILL_ONCE_DIR": str(tmp_path)}
+    return run_script(script, *args, env=env, check=check)
 
 
 def kill_at(step, only=None, sig=None):
@@ -141,8 +134,7 @@ def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
     assert not list((diverged / "checkpoints").glob("best*")), "a non-finite checkpoint was kept as best"
     assert strict((healthy / "metrics.json").read_text())["status"] == "finished", "the sweep carried on"
 
-    report = subprocess.run([sys.executable, "scripts/report.py", str(sweep)], cwd=REPO, capture_output=True, text=True)
-    assert report.returncode == 0, report.stderr
+    run_script("report.py", sweep)
     text = (sweep / "report.md").read_text()
     assert "1 diverged" in text and "**diverged**" in text
 
@@ -173,7 +165,7 @@ def bad_inputs(trained: Path, tmp: Path):
     truncated, text = tmp / "truncated.ckpt", tmp / "text.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[:5000])
     text.write_text("not a checkpoint\n")
-    train_ = "scripts/train.py"
+    train_ = "train.py"
     return [
         (train_, ["estimator.tau=abc"], "estimator.tau"),
         (train_, ["optimizer.lr=fast"], "optimizer.lr must be a number, got 'fast'"),
@@ -181,8 +173,8 @@ def bad_inputs(trained: Path, tmp: Path):
         (train_, [f"ckpt_path={ckpt}", "latent.num_latents=30"], "has latent.num_latents=20, the config says 30"),
         (train_, [f"ckpt_path={ckpt}", "estimator=sf"], "trained with estimator=st_gumbel (STGumbelSoftmax), the config says estimator=sf"),
         (train_, ["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
-        ("scripts/evaluate.py", [f"ckpt_path={truncated}"], f"cannot read the checkpoint {truncated}"),
-        ("scripts/evaluate.py", [f"ckpt_path={text}"], f"cannot read the checkpoint {text}"),
+        ("evaluate.py", [f"ckpt_path={truncated}"], f"cannot read the checkpoint {truncated}"),
+        ("evaluate.py", [f"ckpt_path={text}"], f"cannot read the checkpoint {text}"),
     ]
 
 
@@ -197,7 +189,7 @@ def test_bad_inputs_give_one_clear_line(case, trained, data_root, tmp_path):
 
 
 def test_evaluate_help_lists_only_its_own_options(data_root, tmp_path):
-    proc = train(["--help"], data_root, tmp_path, script="scripts/evaluate.py")
+    proc = train(["--help"], data_root, tmp_path, script="evaluate.py")
     assert "ckpt_path" in proc.stdout and "num_samples" in proc.stdout
     assert "estimator:" not in proc.stdout and "Configuration groups" not in proc.stdout
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 REPORT = REPO / "scripts" / "report.py"
 COMMON = ["experiment=jang2017", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -58,10 +56,8 @@ def sweep(tmp_path):
     return root
 
 
-def _run(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def _run(script, *args, cwd):
+    return run_script(Path(script).name, *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, check=False)
 
 
 def test_report_table_csv_and_plots(sweep):

@@ -3,16 +3,13 @@ steps, writes the TensorBoard tags, hparams and a checkpoint; a multirun names r
 config mistakes get clear messages, not tracebacks."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO
+from conftest import REPO, run_script
 
 ESTIMATORS = sorted(p.stem for p in (REPO / "conf" / "estimator").glob("*.yaml"))
 TINY = [
@@ -22,11 +19,7 @@ TINY = [
 
 
 def run_train(args, data_root, check=True):
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(data_root), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)}, check=check)
 
 
 def latent_overrides(name):

@@ -4,21 +4,31 @@ and the LightningModule around them; and the same from a checkpoint's stored con
 Each part is its config group's `_target_` (conf/latent, conf/model, conf/estimator, the
 `optimizer` node), so adding a latent type or an estimator is one class and one YAML file. A
 user's mistake (ConfigError) comes out as itself, not wrapped in Hydra's InstantiationException.
+
+A checkpoint's config is data from elsewhere: before it is instantiated, every `_target_` in it
+must name one of the project's own latent types, VAEs, estimators or datamodules, or a
+torch.optim optimizer (`check_targets`); a `_target_` such as `pathlib.Path.write_text` would
+otherwise run when the checkpoint is loaded. Parts of a user's own package are rebuilt only
+when the caller names that package (`trusted_modules`, e.g. evaluate.py's trusted_modules=[mypkg]).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae.checkpoints import read_checkpoint
-from discrete_vae.errors import find_user_error
+from discrete_vae.errors import DataError, find_user_error
 from discrete_vae.estimators import Estimator
+from discrete_vae.latents import Latent
 from discrete_vae.module import VAEModule
 from discrete_vae.vae import VAE
 
@@ -55,10 +65,59 @@ def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
     )
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VAEModule, DictConfig]:
+# What each node of a checkpoint's config may build, and from which packages.
+ALLOWED = {"latent": Latent, "model": VAE, "estimator": Estimator, "data": L.LightningDataModule,
+           "optimizer": torch.optim.Optimizer}
+OWN_PACKAGES = {"optimizer": ("torch.optim",)}  # the others: discrete_vae alone
+
+
+def _targets(node: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every `_target_` in a config node, nested ones included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield f"{where}._target_", value
+            else:
+                yield from _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{where}[{i}]")
+
+
+def _resolve(target: Any, packages: Sequence[str]) -> Any:
+    """The object `target` names, imported only from `packages` (and their submodules); else None."""
+    if not isinstance(target, str) or not any(target == p or target.startswith(p + ".") for p in packages):
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        obj = importlib.import_module(module)
+        return getattr(obj, name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def check_targets(config: dict[str, Any], trusted_modules: Sequence[str] = ()) -> None:
+    """A DataError naming the first `_target_` in a checkpoint's config that is not one of the
+    project's own parts (or torch's optimizers), unless it lies in one of `trusted_modules`."""
+    for key, base in ALLOWED.items():
+        packages = (*OWN_PACKAGES.get(key, ("discrete_vae",)), *trusted_modules)
+        for where, target in _targets(config.get(key), key):
+            obj = _resolve(target, packages)
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                raise DataError(
+                    f"refused the checkpoint: its config's {where}={target!r} is not a {base.__name__} of "
+                    f"{' or '.join(packages)}, and building it could run code. Use a checkpoint written by "
+                    f"scripts/train.py; for your own package's parts, name it: trusted_modules=[PACKAGE]."
+                )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    trusted_modules: Sequence[str] = ()) -> tuple[VAEModule, DictConfig]:
     """The module (its VAE and estimator, with the trained weights and buffers) and the training
-    config of a checkpoint written by scripts/train.py."""
+    config of a checkpoint written by scripts/train.py. Its config builds only the project's own
+    parts, and those of `trusted_modules` (`check_targets`)."""
     checkpoint = read_checkpoint(path, map_location)
+    check_targets(checkpoint["config"], trusted_modules)
     cfg = OmegaConf.create(checkpoint["config"])
     model = build_model(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
     model.load_state_dict(checkpoint["state_dict"])

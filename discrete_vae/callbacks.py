@@ -113,23 +113,15 @@ class GradientStats(L.Callback):
         reference_num_samples: int = 10,
         chunk_size: int | None = None,
     ):
-        checks = {
-            "every_n_steps": every_n_steps >= 1,
-            "num_estimates": num_estimates >= 2,
-            "batch_size": batch_size >= 1,
-            "max_configs": max_configs >= 1,
-            "reference_estimates": reference_estimates >= 2,
-            "reference_num_samples": reference_num_samples >= 2,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                f"callbacks.grad_stats: {', '.join(bad)} out of range; need every_n_steps >= 1, "
-                f"num_estimates >= 2, batch_size >= 1, max_configs >= 1, reference_estimates >= 2 and "
-                f"reference_num_samples >= 2 (got every_n_steps={every_n_steps}, num_estimates={num_estimates}, "
-                f"batch_size={batch_size}, max_configs={max_configs}, reference_estimates={reference_estimates}, "
-                f"reference_num_samples={reference_num_samples})"
-            )
+        key = "callbacks.grad_stats."
+        require_number(key + "every_n_steps", every_n_steps, positive=True, integer=True)
+        require_number(key + "num_estimates", num_estimates, integer=True, low=2, hint="a variance needs two")
+        require_number(key + "batch_size", batch_size, positive=True, integer=True)
+        require_number(key + "max_configs", max_configs, positive=True, integer=True)
+        require_number(key + "reference_estimates", reference_estimates, integer=True, low=2)
+        require_number(key + "reference_num_samples", reference_num_samples, integer=True, low=2)
+        if chunk_size is not None:
+            require_number(key + "chunk_size", chunk_size, positive=True, integer=True, hint="or null")
         self.every_n_steps, self.num_estimates, self.batch_size = every_n_steps, num_estimates, batch_size
         self.reference_options = dict(
             max_configs=max_configs, num_estimates=reference_estimates, num_samples=reference_num_samples

@@ -13,15 +13,19 @@ the callbacks that write them, and the wall clock they carry.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import pickle
 import time
+import zipfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -29,7 +33,7 @@ from discrete_vae.errors import ConfigError, DataError, require_number
 from discrete_vae.lightning_private import (
     every_n_train_steps, last_saved_step, save_last_checkpoint, skips_saving, validates_after_this_batch,
 )
-from discrete_vae.records import evaluation_paths
+from discrete_vae.records import EARLIER_DIR, METRICS_FILE, evaluation_paths, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +52,36 @@ def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 # -- reading -----------------------------------------------------------------------------------
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The contents of a checkpoint written by `train`, or a DataError saying why it cannot be used."""
+    """The contents of a checkpoint written by `train`, or a DataError saying why it cannot be used.
+
+    A checkpoint is data: `torch.load(weights_only=True)` reads tensors and plain containers and
+    refuses any other Python object, whose unpickling could run code (every checkpoint the project
+    writes, DDP and bf16 runs included, is plain data)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
+    zipped = zipfile.is_zipfile(path)  # torch.save's format; anything else is not a checkpoint of ours
     try:
         # mmap on the CPU: checking a checkpoint before Lightning loads it again reads no tensor twice
-        mmap = torch.device(map_location).type == "cpu"
+        mmap = torch.device(map_location).type == "cpu" and zipped
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # truncated zip, a text file, a pickle of something else ...
+    except pickle.UnpicklingError:
+        if zipped:  # a well-formed torch file with objects in it
+            raise DataError(
+                f"refused the checkpoint {path}: it holds Python objects, and loading them could run code. "
+                f"Checkpoints written by scripts/train.py hold only tensors and plain data; use one of those."
+            ) from None
+        raise DataError(f"cannot read the checkpoint {path}: it is not a torch checkpoint (a text file, a bare "
+                        f"pickle, or truncated), and was not loaded. Use checkpoints/last.ckpt or "
+                        f"checkpoints/best-*.ckpt of a run, or start afresh.") from None
+    except Exception as err:  # truncated zip, a pickle of something else ...
         raise DataError(
             f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err).split('. ')[0][:120]}): "
             f"it is truncated or not a checkpoint. Use another one of the run (checkpoints/last.ckpt "
             f"or checkpoints/best-*.ckpt) or start afresh."
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and isinstance(checkpoint.get("config"), dict)):
         raise DataError(f"{path} is not a checkpoint written by scripts/train.py (it holds no model state and config)")
     return upgrade(checkpoint)
 
@@ -138,19 +157,28 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: dict[str, Any], path:
 
 
 # -- a resume's housekeeping ---------------------------------------------------------------------
-def clear_earlier_attempt(output_dir: Path) -> bool:
-    """A run folder with no last.ckpt but files of an earlier attempt (killed before its first
-    last.ckpt) starts afresh: that attempt's checkpoints (any *.ckpt: with no last.ckpt there is
-    nothing to resume) and the scripts/evaluate.py results beside them are deleted, so that the
-    folder holds only this run's, and it tells build_run to purge that attempt's TensorBoard events.
-    Rank zero only (the other ranks write no files)."""
+def set_aside_earlier_attempt(output_dir: Path, why: str) -> Path | None:
+    """A fresh start in a folder that holds an earlier attempt's files (resume=never, or resume=auto
+    with no last.ckpt to resume from): its record, checkpoints (with their scripts/evaluate.py
+    results), TensorBoard events and hparams are moved, as they are, into
+    `earlier/<time>/` inside the run folder, so that the folder holds only this run's files and
+    nothing recorded is lost. Returns that folder, or None when there was nothing to move. Rank
+    zero only (the other ranks write no files)."""
     if rank() != 0:
-        return False
-    stale = remove_checkpoints(output_dir, keep=set())
-    if stale:
-        log.warning("starting afresh: removed %s of an earlier attempt that stopped before its first last.ckpt",
-                    ", ".join(stale))
-    return bool(stale) or any(output_dir.glob("events.out.tfevents.*"))
+        return None
+    found = [p for pattern in (METRICS_FILE, "hparams.yaml", "events.out.tfevents.*", "checkpoints/*")
+             for p in sorted(output_dir.glob(pattern)) if p.is_file() or p.is_symlink()]
+    if not found:
+        return None
+    target = output_dir / EARLIER_DIR / time.strftime("%Y-%m-%d_%H-%M-%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    for path in found:
+        destination = target / path.relative_to(output_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+    log.warning("starting afresh (%s): the earlier attempt's %d files are kept in %s", why, len(found), target)
+    return target
 
 
 def remove_checkpoints(output_dir: Path, keep: set[str]) -> list[str]:
@@ -174,15 +202,41 @@ def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
     if rank() != 0:
         return []
     known = {"last.ckpt"}
-    for state in checkpoint.get("callbacks", {}).values():
+    states = checkpoint.get("callbacks") if isinstance(checkpoint.get("callbacks"), dict) else {}
+    for state in states.values():
         if isinstance(state, dict):
             paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
-            known.update(Path(p).name for p in [*paths, *(state.get("best_k_models") or {})] if p)
+            best_k = state.get("best_k_models") if isinstance(state.get("best_k_models"), dict) else {}
+            known.update(Path(p).name for p in [*paths, *best_k] if isinstance(p, str) and p)
     stale = remove_checkpoints(output_dir, keep=known)
     if stale:
         log.warning("removed %s, written after the checkpoint this run resumes from (it writes them again)",
                     ", ".join(stale))
     return stale
+
+
+# -- writing -----------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O for every run: a checkpoint is written whole or not at all, and
+    read as data only.
+
+    Lightning's own writer serialises to memory and then copies the bytes through a temporary file
+    in $TMPDIR: when the run folder is on another filesystem, a full disk or a kill during that copy
+    leaves `last.ckpt` truncated, and the run cannot resume. Here the bytes go to a temporary file
+    in the checkpoint's own folder, are flushed to disk, and are renamed over the old file
+    (records.write_atomic). Every load, Lightning's resume and test included, is
+    `torch.load(weights_only=True)`, whatever the caller asks."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialised first: a failure here writes nothing
+        write_atomic(Path(path), buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 # -- callbacks ---------------------------------------------------------------------------------
@@ -213,16 +267,18 @@ class WallClock(L.Callback):
 
 
 class _FollowsItsFolder(ModelCheckpoint):
-    """A ModelCheckpoint whose record of its files (the best k, last.ckpt) survives a resume from a
-    run folder that has moved since the checkpoint was written (another machine, mount point or
-    user; a sweep carried between machines).
+    """A ModelCheckpoint whose record of its files (the best k, last.ckpt) is confined to its own
+    folder and survives a resume from a run folder that has moved since the checkpoint was written
+    (another machine, mount point or user; a sweep carried between machines).
 
-    Lightning restores that record only when the checkpoint's `dirpath` is the current one. Else
-    it keeps the old `best_model_path` alone: the resumed run forgets the earlier best score and
-    keeps the best *since the resume*, leaves the earlier best file beside the new one (Lightning
-    issue #18687), and writes `last-v1.ckpt` beside the `last.ckpt` it resumed from. Here the
-    stored paths are first moved onto the current folder; files that are not there are dropped
-    from the record, and the best and k-th are those of the files kept.
+    Every path restored from a checkpoint is mapped into this callback's folder (from the folder
+    the checkpoint was written in) or dropped: a checkpoint naming `../../victim` as its best
+    model would otherwise have Lightning delete that file when a better one comes. Files that are
+    not there are dropped from the record too, and the best and k-th are those of the files kept.
+    (Lightning restores the record only when the stored `dirpath` is the current one; else it
+    keeps the old `best_model_path` alone: the resumed run forgets the earlier best score, leaves
+    the earlier best file beside the new one (Lightning issue #18687), and writes `last-v1.ckpt`
+    beside the `last.ckpt` it resumed from.)
     """
 
     @cached_property
@@ -235,21 +291,28 @@ class _FollowsItsFolder(ModelCheckpoint):
         return super().state_key
 
     def load_state_dict(self, state_dict: dict) -> None:
-        old = state_dict.get("dirpath")
-        if old and self.dirpath and Path(old) != Path(self.dirpath):
-            state_dict = self._rebased(state_dict, Path(old), Path(self.dirpath))
+        if self.dirpath:
+            state_dict = self._confined(state_dict, Path(self.dirpath))
         super().load_state_dict(state_dict)
 
-    def _rebased(self, state: dict, old: Path, new: Path) -> dict:
-        def move(path: str) -> str:
-            try:
-                return str(new / Path(path).relative_to(old)) if path else path
-            except ValueError:  # not under the old folder: left as it is
-                return path
+    def _confined(self, state: dict, here: Path) -> dict:
+        old = Path(state["dirpath"]) if isinstance(state.get("dirpath"), str) and state["dirpath"] else here
 
-        best_k = {move(p): score for p, score in state.get("best_k_models", {}).items()}
-        best_k = {p: score for p, score in best_k.items() if Path(p).is_file()}
-        state = {**state, "dirpath": str(new), "best_k_models": best_k}
+        def inside(path) -> str:
+            """`path` as a file of `here` (moved with the folder), or "" when it names anything else."""
+            if not isinstance(path, str) or not path:
+                return ""
+            moved = Path(path)
+            try:
+                moved = here / moved.relative_to(old)
+            except ValueError:  # not under the folder it was written in
+                pass
+            return str(moved) if moved.parent == here and moved.name not in ("", ".", "..") else ""
+
+        stored = state.get("best_k_models") if isinstance(state.get("best_k_models"), dict) else {}
+        best_k = {inside(p): score for p, score in stored.items()}
+        best_k = {p: score for p, score in best_k.items() if p and Path(p).is_file()}
+        state = {**state, "dirpath": str(here), "best_k_models": best_k}
         if best_k:  # Lightning's bookkeeping: the best, and the k-th (the next to go)
             better, worse = (min, max) if self.mode == "min" else (max, min)
             best, kth = better(best_k, key=best_k.get), worse(best_k, key=best_k.get)
@@ -258,7 +321,7 @@ class _FollowsItsFolder(ModelCheckpoint):
         else:
             inf = torch.tensor(math.inf if self.mode == "min" else -math.inf)
             state.update(best_model_path="", best_model_score=None, kth_best_model_path="", kth_value=inf)
-        last = move(state.get("last_model_path", ""))
+        last = inside(state.get("last_model_path"))
         state["last_model_path"] = last if last and Path(last).is_file() else ""
         return state
 
@@ -272,6 +335,12 @@ class BestCheckpoint(_FollowsItsFolder):
     that used Lightning's class resume into this one."""
 
     def __init__(self, *args, save_on_train_epoch_end: bool | None = False, **kwargs):
+        key = "callbacks.checkpoint."
+        if kwargs.get("mode", "min") not in ("min", "max"):
+            raise ConfigError(f"{key}mode={kwargs['mode']!r} is not one of min, max")
+        require_number(key + "save_top_k", kwargs.get("save_top_k", 1), integer=True, low=-1, hint="-1 keeps all")
+        if not isinstance(kwargs.get("monitor"), str):
+            raise ConfigError(f"{key}monitor must name a logged metric such as val/neg_elbo, got {kwargs.get('monitor')!r}")
         super().__init__(*args, save_on_train_epoch_end=save_on_train_epoch_end, **kwargs)
 
     def _build_state_key(self) -> str:

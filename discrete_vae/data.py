@@ -19,8 +19,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +37,8 @@ BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_m
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 NUM_ROWS = {"train": 50_000, "valid": 10_000, "test": 10_000}
 NUM_PIXELS = 784
+MAX_AMAT_BYTES = {split: 2 * NUM_PIXELS * rows + 4096 for split, rows in NUM_ROWS.items()}  # the text, and a margin
+DOWNLOAD_DEADLINE_S = 600  # a whole download, however slowly the bytes come
 # SHA-256 of the canonical uncompressed .amat files, checked after a download.
 AMAT_SHA256 = {
     "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
@@ -46,8 +48,14 @@ AMAT_SHA256 = {
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """`root` if given, else $DISCRETE_VAE_DATA, else ./data."""
-    return Path(root or os.environ.get("DISCRETE_VAE_DATA") or "data").expanduser().resolve()
+    """`root` if given, else $DISCRETE_VAE_DATA, else ./data; a DataError when it is a file."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise DataError(f"data.root must be a folder's path, got {root!r}")
+    path = Path(root or os.environ.get("DISCRETE_VAE_DATA") or "data").expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        source = "data.root" if root else ("$DISCRETE_VAE_DATA" if os.environ.get("DISCRETE_VAE_DATA") else "./data")
+        raise DataError(f"{source} is {path}, a file: point it at the folder that holds binarized_mnist/")
+    return path
 
 
 class Batches:
@@ -163,15 +171,29 @@ def _parse_amat(raw: bytes, path: Path, expected_rows: int) -> np.ndarray:
     return out
 
 
-def _download(url: str, target: Path, sha256: str) -> None:
-    """Download to a temporary file beside `target`, check it, and rename it only when complete."""
+def _copy_bounded(response, out, max_bytes: int, url: str) -> None:
+    """Copy a download, refusing more than `max_bytes` or a transfer longer than DOWNLOAD_DEADLINE_S."""
+    start, total = time.monotonic(), 0
+    while chunk := response.read(1 << 20):
+        total += len(chunk)
+        if total > max_bytes:
+            raise DataError(f"the file at {url} is larger than the canonical one ({max_bytes:,} bytes): refused")
+        if time.monotonic() - start > DOWNLOAD_DEADLINE_S:
+            raise DataError(f"downloading {url} took over {DOWNLOAD_DEADLINE_S} s: stopped; try again, or put the "
+                            f"file in place by hand")
+        out.write(chunk)
+
+
+def _download(url: str, target: Path, sha256: str, max_bytes: int) -> None:
+    """Download to a temporary file beside `target`, check it, and rename it only when complete;
+    the temporary `.part` file is removed whatever happens."""
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     complete = False
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
+            _copy_bounded(response, out, max_bytes, url)
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         if digest != sha256:
             raise DataError(f"the file downloaded from {url} has SHA-256 {digest}, expected {sha256}; try again.")
@@ -207,17 +229,25 @@ def binarized_mnist_path(root: Path, split: str, download: bool) -> Path:
             f"Put the file there, set data.root=DIR or $DISCRETE_VAE_DATA=DIR to a folder holding "
             f"binarized_mnist/, or allow the download with data.download=true."
         )
-    _download(BINARIZED_URL + name, folder / name, AMAT_SHA256[split])
+    _download(BINARIZED_URL + name, folder / name, AMAT_SHA256[split], MAX_AMAT_BYTES[split])
     return folder / name
 
 
 def load_binarized_mnist(root: Path, split: str, download: bool = True) -> Tensor:
     """One split as a (rows, 784) uint8 tensor of 0/1."""
     path = binarized_mnist_path(root, split, download)
+    limit = MAX_AMAT_BYTES[split]
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        # read at most the size the file must have (plus one byte to tell): a small .gz can inflate to GBs
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            raw = f.read(limit + 1)
+    except PermissionError:
+        raise DataError(f"{path} is not readable (permission denied): give this user read access to it") from None
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"cannot read {path}: {err}. The file is corrupt; delete it and download it again.") from err
+        raise DataError(f"cannot read {path}: {err}. The file is corrupt; delete it and download it again.") from None
+    if len(raw) > limit:
+        raise DataError(f"{path} holds more than the {NUM_ROWS[split]:,} images of the canonical file "
+                        f"({limit:,} bytes at most): it is not the binarized MNIST; delete it to download it again.")
     return torch.from_numpy(_parse_amat(raw, path, NUM_ROWS[split]))
 
 
@@ -237,6 +267,8 @@ class _TensorDataModule(L.LightningDataModule):
         require_number("data.batch_size", batch_size, positive=True, integer=True)
         require_number("data.eval_batch_size", eval_batch_size, positive=True, integer=True)
         require_number("seed", seed, integer=True)
+        if not isinstance(download, bool):
+            raise DataError(f"data.download must be true or false, got {download!r}")
         self.root = data_root(root)
         self.batch_size, self.eval_batch_size, self.download, self.seed = batch_size, eval_batch_size, download, seed
         self.splits: dict[str, Tensor] = {}

@@ -68,11 +68,7 @@ class VAEModule(L.LightningModule):
         """`run_config`: the resolved config of the run (saved in every checkpoint, from which
         discrete_vae.checkpoints rebuilds the model); `run_choices`: its group choices, for messages."""
         super().__init__()
-        if int(test_iwae_samples) != test_iwae_samples or test_iwae_samples < 0:
-            raise ConfigError(
-                f"test_iwae_samples must be a non-negative integer (0 turns test/nll_iwae off), "
-                f"got {test_iwae_samples}"
-            )
+        require_number("test_iwae_samples", test_iwae_samples, integer=True, low=0, hint="0 turns test/nll_iwae off")
         estimator.check(vae.latent)
         check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["vae", "estimator", "optimizer", "run_choices"])
@@ -88,12 +84,18 @@ class VAEModule(L.LightningModule):
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Before the first fit of a fresh model: the output bias from the training split
-        (model.output_bias_init=data_mean). A resumed fit then restores the checkpoint's weights
-        over it (Lightning restores after `setup`)."""
-        if stage != "fit" or not self.vae.output_bias_pending:
-            return
+        """Before a fit: the training images' width must be model.input_dim, and a fresh model's
+        output bias comes from the training split (model.output_bias_init=data_mean). A resumed fit
+        then restores the checkpoint's weights over it (Lightning restores after `setup`)."""
         train_images = getattr(self.trainer.datamodule, "train_images", None)
+        if stage != "fit":
+            return
+        if train_images is not None and train_images().shape[-1] != self.vae.input_dim:
+            width = train_images().shape[-1]
+            raise ConfigError(f"the training images have {width} pixels but model.input_dim={self.vae.input_dim}; "
+                              f"set model.input_dim={width}")
+        if not self.vae.output_bias_pending:
+            return
         if train_images is None:
             raise ConfigError(
                 "model.output_bias_init=data_mean needs the training images from the datamodule "
@@ -194,9 +196,16 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         """The configured optimizer; Adam and AdamW take their fused kernel (one multi-tensor update
-        instead of a loop over parameters) on the CPU and CUDA unless `fused` is set explicitly."""
+        instead of a loop over parameters) on the CPU and CUDA unless `fused` is set explicitly, or
+        the Trainer clips gradients under mixed precision (Lightning refuses to clip for an optimizer
+        that unscales its gradients itself, as the fused kernel does)."""
         factory, extra = self.optimizer_factory, {}
         fusable = getattr(factory, "func", None) in (torch.optim.Adam, torch.optim.AdamW)
-        if fusable and "fused" not in factory.keywords and self.device.type in ("cpu", "cuda"):
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached (scripts/benchmark.py calls this without a Trainer)
+            trainer = None
+        clips_mixed = trainer is not None and bool(trainer.gradient_clip_val) and "mixed" in str(trainer.precision)
+        if fusable and "fused" not in factory.keywords and self.device.type in ("cpu", "cuda") and not clips_mixed:
             extra["fused"] = True
         return factory(self.parameters(), **extra)

@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.json"
 FINISHED, FAILED, DIVERGED, UNFINISHED = "finished", "failed", "diverged", "unfinished"
 STATUSES = (FINISHED, FAILED, DIVERGED, UNFINISHED)  # UNFINISHED: no metrics.json (killed, or running)
 DONE = (FINISHED, DIVERGED)  # a re-run with resume=auto leaves such runs as they are
+EARLIER_DIR = "earlier"  # <run>/earlier/<time>/: an earlier attempt's files, set aside by a fresh start
 EVAL_INFIX = "_eval_"  # scripts/evaluate.py's result of best-step5000.ckpt: best-step5000_eval_test.json
 
 
@@ -50,37 +51,106 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file of a unique name in the same folder, flushed to
-    disk (fsync) and renamed over `path`: readers see the old file or the new one, never a part, and
-    a full disk fails before the rename. A symlink at `path` is replaced, not followed."""
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """`data` into `path` through a temporary file of a unique name in the same folder, flushed to
+    disk (fsync) and renamed over `path`: readers see the old file or the new one, never a part; a
+    full disk or a kill fails before the rename and leaves the old file whole. A symlink at `path`
+    is replaced, not followed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        with os.fdopen(handle, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:  # the rename itself, on disk
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:  # a folder that cannot be opened or synced (some filesystems): the file is whole
+        pass
 
 
 def write_json(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     """`data` as strict JSON, atomically; returns what was written."""
     data = strict_json(data)
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
     return data
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """The folder's metrics.json, or None when there is none or it is not a JSON object."""
+    """The folder's metrics.json, or None when there is none or it is not a valid record."""
+    record, problem = load_record(folder)
+    return None if problem else record
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+# key -> (what it must be, the check); a key that is absent is fine
+FIELDS = {
+    "status": ("one of " + ", ".join(s for s in STATUSES if s != UNFINISHED), lambda v: v in STATUSES and v != UNFINISHED),
+    "metrics": ("an object of numbers", lambda v: isinstance(v, dict) and all(_number(x) for x in v.values())),
+    "steps": ("a whole number", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)),
+    "wall_time_s": ("a number", _number),
+    "resumed_from_step": ("a whole number", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+    "overrides": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v)),
+    "estimator": ("a string", lambda v: v is None or isinstance(v, str)),
+    "seed": ("a number or a string", lambda v: v is None or isinstance(v, (int, str)) and not isinstance(v, bool)),
+    "error": ("a string", lambda v: v is None or isinstance(v, str)),
+    "best_checkpoint": ("a string", lambda v: v is None or isinstance(v, str)),
+    "best_checkpoint_name": ("a string", lambda v: v is None or isinstance(v, str)),
+    "commit": ("a string", lambda v: v is None or isinstance(v, str)),
+    "machine": ("an object or a string", lambda v: v is None or isinstance(v, (dict, str))),
+    "evaluation": ("an evaluation object", lambda v: isinstance(v, dict) and check_evaluation(v) is None),
+}
+
+
+def check_evaluation(evaluation: Any) -> str | None:
+    """The first problem of a scripts/evaluate.py result, or None."""
+    if not isinstance(evaluation, dict):
+        return "it is not a JSON object"
+    if not isinstance(evaluation.get("metrics"), dict) or not all(_number(v) for v in evaluation["metrics"].values()):
+        return "metrics is not an object of numbers"
+    for key in ("num_samples", "wall_time_s"):
+        if not _number(evaluation.get(key)):
+            return f"{key} is not a number"
+    if not isinstance(evaluation.get("checkpoint", ""), str):
+        return "checkpoint is not a string"
+    return None
+
+
+def load_record(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the folder's metrics.json, None), or (None, None) when there is none, or (None, the problem)
+    when it is not a valid record: not JSON, not an object, no status, or a field of the wrong type
+    (a half-written or hand-edited file). Readers list such a run with the problem; none crashes."""
+    path = folder / METRICS_FILE
     try:
-        record = json.loads((folder / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, f"{path} cannot be read ({err.strerror or err})"
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        return None, f"{path} is not JSON ({err})"
+    if not isinstance(record, dict):
+        return None, f"{path} is not a JSON object"
+    if "status" not in record:
+        return None, f"{path} has no status"
+    for key, (what, ok) in FIELDS.items():
+        if key in record and not ok(record[key]):
+            return None, f"{path}: {key} must be {what}, got {record[key]!r:.60}"
+    return record, None
 
 
 def done_record(folder: Path) -> dict[str, Any] | None:
@@ -108,8 +178,9 @@ def machine(accelerator: str = "auto") -> dict[str, Any]:
 def source_commit() -> str | None:
     """`git describe --always --dirty` of the checkout this package runs from, or None."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        # core.fsmonitor off: a checkout's fsmonitor hook is a program of its own, not ours to start
+        out = subprocess.run(["git", "-c", "core.fsmonitor=false", "describe", "--always", "--dirty"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -30,6 +30,7 @@ every run, and the runs that failed or did not finish. Curves come from a run's 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import yaml
 
 from discrete_vae import records
 from discrete_vae.errors import DataError
-from discrete_vae.records import DIVERGED, DONE, FAILED, FINISHED, METRICS_FILE, UNFINISHED
+from discrete_vae.records import DIVERGED, DONE, EARLIER_DIR, FAILED, FINISHED, METRICS_FILE, UNFINISHED
 
 # Overrides that never name a configuration: the seed and Hydra's own settings, plus the
 # keys each run's Hydra config excludes from its directory name (read from .hydra/hydra.yaml:
@@ -119,16 +120,24 @@ def where(run: Run, root: Path) -> str:
 
 
 def find_runs(root: Path) -> list[Run]:
+    """Every run under `root`, as its own metrics.json names it: its overrides are the record's
+    (.hydra/ is rewritten by any later command in the folder, even one that is skipped or refused),
+    and .hydra/overrides.yaml stands in only where there is no record. Attempts set aside in a
+    run's earlier/ folder are not runs. A record that cannot be read or is not valid is listed as
+    failed, with its problem, never a traceback."""
     folders = {p.parent for p in root.rglob(METRICS_FILE)}
     folders |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    folders = {f for f in folders if EARLIER_DIR not in f.relative_to(root).parts}
     runs = []
     for folder in sorted(folders):
-        record = records.read_record(folder) or {}
-        overrides_file = folder / ".hydra" / "overrides.yaml"
-        if overrides_file.is_file():
-            overrides = yaml.safe_load(overrides_file.read_text())
-        else:
-            overrides = record.get("overrides", [])
+        record, problem = records.load_record(folder)
+        if problem:
+            record = {"status": FAILED, "error": f"not a valid run record: {problem}; fix or delete it"}
+        record = record or {}
+        overrides = record.get("overrides")
+        if overrides is None:
+            overrides = _yaml(folder / ".hydra" / "overrides.yaml")
+            overrides = overrides if isinstance(overrides, list) else []
         status = record.get("status", UNFINISHED) if record else UNFINISHED
         if record and "evaluation" not in record and (evaluation := read_evaluation(folder, record)):
             record["evaluation"] = evaluation
@@ -137,14 +146,20 @@ def find_runs(root: Path) -> list[Run]:
     return runs
 
 
+def _yaml(path: Path):
+    """A YAML file's contents, or None when it is absent or not YAML (a report never stops on one)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, ValueError):
+        return None
+
+
 def excluded_keys(folder: Path) -> set[str]:
     """The keys the run's Hydra config leaves out of its directory name (budgets, paths)."""
-    hydra_file = folder / ".hydra" / "hydra.yaml"
-    if not hydra_file.is_file():
-        return set()
-    hydra_cfg = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
-    keys = hydra_cfg.get("job", {}).get("config", {}).get("override_dirname", {}).get("exclude_keys") or []
-    return set(map(str, keys))
+    tree = _yaml(folder / ".hydra" / "hydra.yaml")
+    for key in ("hydra", "job", "config", "override_dirname", "exclude_keys"):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return set(map(str, tree)) if isinstance(tree, list) else set()
 
 
 def read_evaluation(folder: Path, record: dict) -> dict | None:
@@ -153,9 +168,12 @@ def read_evaluation(folder: Path, record: dict) -> dict | None:
     if not best:
         return None
     path = records.evaluation_path(folder / "checkpoints" / Path(best).name, "test")
-    if not path.is_file():
+    try:
+        evaluation = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or not JSON: the run has no evaluation
+    if records.check_evaluation(evaluation) is not None:
         return None
-    evaluation = json.loads(path.read_text())
     evaluation["checkpoint"] = Path(evaluation.get("checkpoint", best)).name  # no machine's path
     return evaluation
 
@@ -164,15 +182,21 @@ def read_curve(folder: Path) -> list[tuple[int, float]]:
     """(step, value) of CURVE_TAG: from the folder's val_curve.csv (a record), else from the
     event files directly in `folder` (a sweep's run), by step."""
     if (folder / CURVE_FILE).is_file():
-        with (folder / CURVE_FILE).open() as f:
-            return [(int(row["step"]), float(row[CURVE_TAG])) for row in csv.DictReader(f)]
+        try:
+            with (folder / CURVE_FILE).open() as f:
+                return [(int(row["step"]), float(row[CURVE_TAG])) for row in csv.DictReader(f)]
+        except (OSError, ValueError, KeyError, TypeError, csv.Error):
+            return []  # a damaged curve: the run is listed without one
     if not any(folder.glob("events.out.tfevents.*")):
         return []
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.ERROR)  # a resumed run's purge notices: expected
     accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    accumulator.Reload()
+    try:
+        accumulator.Reload()
+    except Exception:  # damaged event files (TensorBoard's own errors vary): the run has no curve
+        return []
     if CURVE_TAG not in accumulator.Tags().get("scalars", []):
         return []
     by_step = {e.step: e.value for e in accumulator.Scalars(CURVE_TAG)}  # a resumed run: the latest wins
@@ -271,14 +295,22 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
         why = run.record.get("error") if run.status in (FAILED, DIVERGED) else UNFINISHED_WHY
         last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
         lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
-    path.write_text("\n".join(lines) + "\n")
+    records.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    records.write_atomic(path, text.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically (records.write_atomic)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    records.write_atomic(path, buffer.getvalue())
 
 
 def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
@@ -310,7 +342,7 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -346,7 +378,7 @@ def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -395,7 +427,7 @@ def export(sweep_dir: Path, records_dir: Path, extra: dict | None = None) -> lis
             record.setdefault(key, value)
         records.write_json(target / METRICS_FILE, record)
         lines = [f"step,{CURVE_TAG}"] + [f"{step},{value:.4f}" for step, value in run.curve]
-        records.write_text_atomic(target / CURVE_FILE, "\n".join(lines) + "\n")
+        records.write_atomic(target / CURVE_FILE, "\n".join(lines) + "\n")
         written.append(target)
     return written
 
@@ -541,6 +573,8 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         return match[0] if lines is None else match[1] + "\n".join(lines) + "\n" + match[3]
 
     for markdown in markdowns:
+        if markdown.is_dir():
+            raise DataError(f"--markdown {markdown} is a folder; give the markdown files to rebuild")
         text = markdown.read_text() if markdown.is_file() else ""
-        markdown.write_text(BLOCK.sub(fill, text))
+        records.write_atomic(markdown, BLOCK.sub(fill, text))
     return summary

@@ -30,6 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
@@ -37,11 +38,12 @@ from torch.utils.tensorboard.summary import hparams
 from discrete_vae import records
 from discrete_vae.build import build, build_model
 from discrete_vae.callbacks import ValidateAtLastStep
+from discrete_vae.checks import check_run, check_trainer
 from discrete_vae.checkpoints import (
-    LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, clear_earlier_attempt,
-    clear_past_the_checkpoint, rank, read_checkpoint,
+    AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits,
+    clear_past_the_checkpoint, rank, read_checkpoint, set_aside_earlier_attempt,
 )
-from discrete_vae.errors import ConfigError, RunFolderBusy, TrainingDiverged, find_user_error, require_number
+from discrete_vae.errors import ConfigError, DataError, RunFolderBusy, TrainingDiverged, find_user_error, require_number
 from discrete_vae.lightning_private import tensorboard_writer
 from discrete_vae.module import VAEModule
 
@@ -99,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = cfg.get("resume", "auto")
     if resume not in RESUME_MODES:
         raise ConfigError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
+    forget_stale_rank(cfg.get("trainer", {}))
     if resume == "auto" and (done := records.done_record(output_dir)) is not None:
         # on stderr only: the finished run's own log stays as it was
         print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
@@ -106,6 +109,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return done
     with run_folder_lock(output_dir):
         return _fit_or_record_failure(cfg, output_dir, start, resume)
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # what Lightning reads at import
+
+
+def forget_stale_rank(trainer_cfg) -> None:
+    """A single-process run (one device on one node) is rank zero, whatever a RANK or SLURM_PROCID
+    left in the environment by an earlier job or a shell says: Lightning reads them at import, and
+    a stale one would make this process skip the lock and never write its record."""
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1)
+    one_device = devices == 1 or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    if one_device and nodes == 1 and rank() != 0:
+        stale = ", ".join(f"{k}={os.environ[k]}" for k in RANK_VARIABLES if os.environ.get(k) not in (None, "0"))
+        log.warning("a single-process run is rank 0: ignored %s from the environment", stale or "a rank")
+        rank_zero_only.rank = 0
 
 
 def _fit_or_record_failure(cfg: DictConfig, output_dir: Path, start: float, resume: str) -> dict[str, Any]:
@@ -132,15 +150,23 @@ def run_folder_lock(output_dir: Path):
     """One process trains a run folder at a time: two (a sweep started twice, a launcher's workers
     left running by a killed parent) would overwrite each other's last.ckpt and records. An
     advisory lock on a file in the folder, held by rank zero for the whole run; the system
-    releases it when the process ends, kill -9 included, so it never goes stale."""
+    releases it when the process ends, kill -9 included, so it never goes stale. Only a lock that
+    another process really holds refuses the run: on a filesystem without locks (some network
+    mounts) the run goes on with a warning. The lock file is never followed through a symlink."""
     if rank() != 0 or fcntl is None:  # DDP's other ranks share rank zero's folder; no fcntl on Windows
         yield
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK_FILE, "a+") as handle:
+    try:
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        raise RunFolderBusy(f"cannot open the lock file {output_dir / LOCK_FILE} ({err.strerror}): it is a "
+                            f"symlink or not writable; remove it, or run in another folder") from None
+    with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            locked = True
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RunFolderBusy(
@@ -148,6 +174,10 @@ def run_folder_lock(output_dir: Path):
                 f"overwrite each other's checkpoints. Wait for it, or stop it (all of a sweep's processes, "
                 f"launcher workers included) and run this again to resume"
             ) from None
+        except OSError as err:  # ENOLCK, EOPNOTSUPP, ...: this filesystem has no locks
+            log.warning("cannot lock %s (%s): going on without the guard against a second process in this "
+                        "folder", output_dir, err.strerror)
+            locked = False
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -155,12 +185,15 @@ def run_folder_lock(output_dir: Path):
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any) -> dict[str, Any]:
     """metrics.json of a run (discrete_vae.records): estimator, overrides, seed, wall time, and
-    `fields` (status, metrics, ...), written by rank zero only."""
+    `fields` (status, metrics, ...), written by rank zero only. A finished (or diverged) record
+    already there is never replaced: a fresh start sets it aside first, so one still there belongs
+    to a run that this process did not start (a config error before the start, say)."""
     summary = run_summary(cfg)
     record = {
         "estimator": summary["choices"].get("estimator"),
@@ -171,9 +204,13 @@ def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any)
         "machine": records.machine(str(cfg.get("trainer", {}).get("accelerator", "auto"))),
         "commit": records.source_commit(),
     }
-    if rank() == 0:
-        return records.write_json(output_dir / records.METRICS_FILE, record)
-    return records.strict_json(record)
+    if rank() != 0:
+        return records.strict_json(record)
+    if (done := records.done_record(output_dir)) is not None:
+        log.warning("kept the %s record of %s; this attempt ended %s: %s", done["status"], output_dir,
+                    record.get("status"), record.get("error", ""))
+        return records.strict_json(record)
+    return records.write_json(output_dir / records.METRICS_FILE, record)
 
 
 def set_num_threads(cfg: DictConfig) -> None:
@@ -237,11 +274,10 @@ def quiet_third_party() -> None:
 def build_run(
     cfg: DictConfig, output_dir: Path, resumed_step: int = 0, fresh: bool = True,
     datamodule=None, model: VAEModule | None = None, extra_trainer: dict | None = None,
-    wall_clock: WallClock | None = None, earlier_attempt: bool = False,
+    wall_clock: WallClock | None = None,
 ) -> tuple[L.LightningDataModule, VAEModule, L.Trainer]:
     """The datamodule (splits loaded), the model and the Trainer of a run, as scripts/train.py
-    builds them (scripts/benchmark_fit.py times exactly these). `earlier_attempt`: a fresh start
-    in a folder where a killed attempt left TensorBoard events, which are then purged."""
+    builds them (scripts/benchmark_fit.py times exactly these)."""
     datamodule = datamodule if datamodule is not None else build(cfg.data)
     summary = run_summary(cfg)
     model = model if model is not None else build_run_model(cfg)
@@ -252,11 +288,10 @@ def build_run(
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
-        # (all of them after a fresh start over an attempt that never reached a last.ckpt)
-        purge = resumed_step if resumed_step else (0 if earlier_attempt else None)
-        logger = instantiate(cfg.logger, **({"purge_step": purge} if purge is not None else {}))
+        logger = instantiate(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir), **(extra_trainer or {})
+        cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()], **(extra_trainer or {}),
     )
     if logger and trainer.is_global_zero and fresh:
         params = _flat(model.run_config)
@@ -266,6 +301,8 @@ def build_run(
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, clock: WallClock) -> dict[str, Any]:
+    check_run(cfg)  # the keys no part owns, first: nothing has run yet
+    check_trainer(cfg.trainer)
     quiet_third_party()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     set_num_threads(cfg)
@@ -280,27 +317,36 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     if ckpt_path is not None:  # fails here, with the setting that differs, before any run output
         checkpoint = read_checkpoint(ckpt_path)
         check_checkpoint_fits(checkpoint, model.run_config, ckpt_path, summary["choices"])
-        resumed_step = int(checkpoint.get("global_step", 0))
+        resumed_step = checkpoint.get("global_step", 0)
+        if not isinstance(resumed_step, int) or resumed_step < 0:
+            raise DataError(f"the checkpoint {ckpt_path} has no valid global_step ({resumed_step!r}): it was not "
+                            f"written by scripts/train.py; start afresh or use another checkpoint")
         if Path(ckpt_path).resolve() == (output_dir / "checkpoints" / "last.ckpt").resolve():
             clear_past_the_checkpoint(output_dir, checkpoint)
         del checkpoint
         log.info("resuming from %s (step %d)", ckpt_path, resumed_step)
-    earlier_attempt = ckpt_path is None and resume == "auto" and clear_earlier_attempt(output_dir)
+    inside = ckpt_path is not None and output_dir.resolve() in Path(ckpt_path).resolve().parents
+    if ckpt_path is None or (resume == "never" and not inside):  # a fresh start (of this folder's files):
+        # whatever an earlier attempt left is kept aside, never mixed in nor overwritten
+        set_aside_earlier_attempt(output_dir, "resume=never" if resume == "never" else "no last.ckpt to resume from")
     datamodule, model, trainer = build_run(cfg, output_dir, resumed_step=resumed_step, fresh=ckpt_path is None,
-                                           datamodule=datamodule, model=model, wall_clock=clock,
-                                           earlier_attempt=earlier_attempt)
+                                           datamodule=datamodule, model=model, wall_clock=clock)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        stopped_by_sigterm(trainer, resumed_step)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+        stopped_by_signal(trainer, resumed_step, "SIGTERM", SIGTERM_EXIT)
+    except SystemExit:  # Ctrl-C: Lightning shuts down after the step in progress, then exits with 1
+        if trainer.interrupted:
+            stopped_by_signal(trainer, resumed_step, "SIGINT (Ctrl-C)", SIGINT_EXIT)
+        raise
+    if trainer.interrupted:  # a Lightning that returns instead
+        stopped_by_signal(trainer, resumed_step, "SIGINT (Ctrl-C)", SIGINT_EXIT)
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
     metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
     if cfg.get("test", True):
         if not best:
             log.warning("no best checkpoint (no validation ran): testing the final weights")
-        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
 
     record = write_record(
@@ -312,18 +358,20 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
 
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM
+SIGINT_EXIT = 130  # 128 + SIGINT
 
 
-def stopped_by_sigterm(trainer: L.Trainer, resumed_step: int) -> None:
-    """A SIGTERM (a cluster's preemption, `kill`, a launcher shutting down) makes Lightning stop
-    after the step in progress and leave fit() by a SystemExit with status 0, as if the run had
-    succeeded. Here it ends with status 143 and says where the run can resume from."""
+def stopped_by_signal(trainer: L.Trainer, resumed_step: int, signal: str, status: int) -> None:
+    """A SIGTERM (a cluster's preemption, `kill`, a launcher shutting down) or a SIGINT (Ctrl-C)
+    makes Lightning stop after the step in progress and leave fit() with status 0 (SIGTERM) or 1
+    (SIGINT), and print nothing a user sees. Here it ends with the shell's status for that signal and one line that says where
+    the run can resume from; no record is written (the run is neither finished nor failed)."""
     saved = max([c.saved_step for c in trainer.callbacks if isinstance(c, LatestCheckpoint)]
                 + [resumed_step])  # this process's last save, else the checkpoint it resumed from
     where = f"last.ckpt holds step {saved}" if saved > 0 else "no last.ckpt yet"
-    log.error("stopped by SIGTERM at step %d, before the end of training (%s): run the same command again "
-              "to resume (resume=auto)", trainer.global_step, where)
-    raise SystemExit(SIGTERM_EXIT)
+    log.error("stopped by %s at step %d, before the end of training (%s): run the same command again "
+              "to resume (resume=auto)", signal, trainer.global_step, where)
+    raise SystemExit(status)
 
 
 def _scalar(value) -> float | None:

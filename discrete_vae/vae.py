@@ -12,6 +12,7 @@ compared under many estimators (scripts/gradient_study.py), and the LightningMod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Decoder, Encoder
 
 OUTPUT_BIAS_INITS = ("data_mean", "default")
+MAX_WEIGHTS = 10**9  # 4 GB of float32: a typo in a size, not a model to build
 MEAN_CLAMP = 1e-3  # the training mean pixel is clamped to [1e-3, 1 - 1e-3] before its logit (as Burda et al.)
 
 
@@ -51,6 +53,16 @@ class VAE(nn.Module):
             raise ConfigError(
                 f"model.output_bias_init={output_bias_init!r} is not one of {', '.join(OUTPUT_BIAS_INITS)}"
             )
+        require_number("model.input_dim", input_dim, positive=True, integer=True)
+        if not isinstance(hidden_dims, (list, tuple)):
+            raise ConfigError(f"model.hidden_dims must be a list of layer widths such as [512,256], got {hidden_dims!r}")
+        for width in hidden_dims:
+            require_number("model.hidden_dims", width, positive=True, integer=True, hint="layer widths such as [512,256]")
+        sizes = [input_dim, *hidden_dims, math.prod(latent.param_shape)]
+        weights = 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # the encoder and its mirror
+        if weights > MAX_WEIGHTS:
+            raise ConfigError(f"the encoder and decoder would hold {weights:.3g} weights ({latent.describe()}, "
+                              f"hidden {list(hidden_dims)}), over {MAX_WEIGHTS:.0e}; shrink the latent space or the layers")
         self.latent = latent
         self.input_dim = int(input_dim)
         self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation)

@@ -20,30 +20,42 @@ from discrete_vae import records
 from discrete_vae.build import build, load_checkpoint
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import resolve_device
-from discrete_vae.errors import ConfigError, exit_on_user_error
+from discrete_vae.checks import require_choice, require_seed
+from discrete_vae.errors import ConfigError, exit_on_user_error, require_number
 from discrete_vae.evaluation import evaluate
 
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")
 
 
+def check_options(cfg: DictConfig) -> None:
+    """Every option of conf/evaluate.yaml, before anything is read."""
+    require_choice("split", cfg.split, SPLITS)
+    for key in ("num_samples", "batch_size", "max_rows", "max_configs"):
+        require_number(key, cfg[key], positive=True, integer=True)
+    require_seed("seed", cfg.seed)
+    if cfg.limit_batches is not None:
+        require_number("limit_batches", cfg.limit_batches, positive=True, integer=True, hint="or null for all")
+    if cfg.output is not None and Path(str(cfg.output)).is_dir():
+        raise ConfigError(f"output={cfg.output} is a folder; give the path of the JSON file to write")
+    if not all(isinstance(m, str) for m in cfg.trusted_modules):
+        raise ConfigError(f"trusted_modules must be a list of package names, got {cfg.trusted_modules}")
+
+
 def run(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ConfigError("give the checkpoint to evaluate: python scripts/evaluate.py ckpt_path=PATH.ckpt")
-    ckpt = Path(cfg.ckpt_path).expanduser().resolve()
+    ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
     if not ckpt.is_file():
         raise ConfigError(f"no checkpoint at {ckpt}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r} is not one of {', '.join(SPLITS)}")
-    for key in ("num_samples", "batch_size", "max_rows"):
-        if not (isinstance(cfg[key], int) and cfg[key] >= 1):
-            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    check_options(cfg)
     device = resolve_device(str(cfg.device))
 
     start = time.perf_counter()
-    module, train_cfg = load_checkpoint(ckpt, map_location=device)
+    module, train_cfg = load_checkpoint(ckpt, map_location=device, trusted_modules=list(cfg.trusted_modules))
     model = module.vae.to(device)
-    data_cfg = train_cfg.data if cfg.data_root is None else OmegaConf.merge(train_cfg.data, {"root": cfg.data_root})
+    # the data of this machine, never the checkpoint's path: a checkpoint touches nothing outside its run
+    data_cfg = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root})
     images = build(data_cfg).load_splits()[cfg.split]  # (rows, D), on the CPU
     if cfg.split == "train" and images.dtype.is_floating_point:
         raise ConfigError("split=train of dynamically binarized data is grey-level; evaluate split=val or split=test")

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from discrete_vae import diagnostics
 from discrete_vae.build import build, build_vae, load_checkpoint
 from discrete_vae.devices import describe_device, resolve_device
-from discrete_vae.errors import ConfigError, exit_on_user_error
+from discrete_vae.checks import require_bool, require_seed
+from discrete_vae.errors import ConfigError, exit_on_user_error, require_number
 from discrete_vae.estimators import ScoreFunction
 from discrete_vae.latents import Latent
 from discrete_vae.vae import VAE
@@ -37,7 +38,7 @@ ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 def load_model(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]) -> tuple[VAE, str]:
     """The checkpoint's VAE, or a fresh one initialised with `seed`; and a line describing it."""
     if cfg.ckpt_path:
-        model = load_checkpoint(cfg.ckpt_path)[0].vae
+        model = load_checkpoint(cfg.ckpt_path, trusted_modules=list(cfg.trusted_modules))[0].vae
         weights = f"checkpoint {cfg.ckpt_path}"
     else:
         torch.manual_seed(cfg.seed)
@@ -145,11 +146,34 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def check_options(cfg: DictConfig) -> None:
+    """The options of conf/gradient_study.yaml that this script reads itself, before anything runs
+    (the data, latent and model groups check their own)."""
+    require_seed("seed", cfg.seed)
+    if cfg.num_threads is not None:
+        require_number("num_threads", cfg.num_threads, positive=True, integer=True, hint="or null")
+    if cfg.temperature is not None:
+        require_number("temperature", cfg.temperature, positive=True, hint="a tau > 0 for every estimator, or null")
+    require_number("batch_size", cfg.batch_size, positive=True, integer=True)
+    require_number("num_estimates", cfg.num_estimates, integer=True, low=2, hint="a variance needs two")
+    require_number("timing_repeats", cfg.timing_repeats, integer=True, low=0, hint="0 skips the timing")
+    if cfg.chunk_size is not None:
+        require_number("chunk_size", cfg.chunk_size, positive=True, integer=True, hint="or null")
+    require_bool("warm_baseline", cfg.warm_baseline)
+    require_number("reference.max_configs", cfg.reference.max_configs, positive=True, integer=True)
+    require_number("reference.num_estimates", cfg.reference.num_estimates, integer=True, low=2)
+    require_number("reference.num_samples", cfg.reference.num_samples, integer=True, low=2)
+    if cfg.ckpt_path is not None and not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise ConfigError(f"no checkpoint at {cfg.ckpt_path}; pass ckpt_path=PATH to a .ckpt written by "
+                          f"scripts/train.py, or null for a fresh model")
+
+
 def study(cfg: DictConfig) -> list[dict]:
+    check_options(cfg)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     splits = build(cfg.data).load_splits()  # read once: the training mean and the batch
     model, weights = load_model(cfg, device, splits)
     x = validation_batch(cfg, device, splits)

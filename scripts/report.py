@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         if not args.multirun_dir.is_dir():
             raise DataError(f"{args.multirun_dir} is not a directory; pass the multirun directory of a sweep")
+        if args.records_dir.exists() and not args.records_dir.is_dir():
+            raise DataError(f"{args.records_dir} is a file; pass the folder the records go to, e.g. docs/results/NAME")
         extra = {key: value for key in ("machine", "commit") if (value := getattr(args, key))}
         written = report.export(args.multirun_dir.resolve(), args.records_dir, extra)
         print(f"{len(written)} records written under {args.records_dir}")

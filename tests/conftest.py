@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -37,15 +38,26 @@ def shared_data_root() -> Path:
 def run_script(script: str, *args, env: dict | None = None, cwd: Path = REPO, check: bool = True,
                timeout: int = 300) -> subprocess.CompletedProcess:
     """`python scripts/<script> args...` as a user runs it, output captured: the data from
-    `shared_data_root()`, this folder on PYTHONPATH (probes.py's callbacks), Python's warnings off;
-    `env` adds or replaces variables. With `check`, a non-zero exit fails the test with its stderr."""
-    env = {**os.environ, "DISCRETE_VAE_DATA": str(shared_data_root()), "PYTHONPATH": str(REPO / "tests"),
-           "PYTHONWARNINGS": "ignore", **(env or {})}
+    `shared_data_root()`, this checkout's package and this folder (probes.py's callbacks) first on
+    PYTHONPATH, Python's warnings off; `env` adds or replaces variables (a PYTHONPATH of its own
+    comes after those two). With `check`, a non-zero exit fails the test with its stderr."""
+    env = dict(env or {})
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), *filter(None, [env.pop("PYTHONPATH", None)])])
+    env = {**os.environ, "DISCRETE_VAE_DATA": str(shared_data_root()), "PYTHONWARNINGS": "ignore", **env,
+           "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, to call its functions in this process (scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

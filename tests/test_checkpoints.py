@@ -67,8 +67,11 @@ def test_a_checkpoint_holding_python_objects_is_refused_and_runs_nothing(tmp_pat
             return (marker.touch, ())
 
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"state_dict": {}, "config": Payload()}))
-    with pytest.raises(DataError, match="cannot read the checkpoint"):
+    torch.save({"state_dict": {}, "config": Payload()}, path)  # torch's format, an object inside
+    with pytest.raises(DataError, match="holds Python objects, and loading them could run code"):
+        read_checkpoint(path)
+    path.write_bytes(pickle.dumps({"state_dict": {}, "config": Payload()}))  # a bare pickle
+    with pytest.raises(DataError, match="it is not a torch checkpoint"):
         read_checkpoint(path)
     assert not marker.exists()
 
@@ -107,6 +110,26 @@ def test_best_checkpoint_record_follows_a_moved_folder(tmp_path):
     assert callback.best_model_path == str(new / "best-step20.ckpt") and callback.best_model_score == 2.0
     assert callback.kth_best_model_path == str(new / "best-step10.ckpt") and callback.kth_value == 3.0
 
-    unmoved = BestCheckpoint(dirpath=old, monitor="val/neg_elbo", mode="min", save_top_k=3)
-    unmoved.load_state_dict(state)  # same folder: Lightning's restore, untouched
-    assert unmoved.best_model_path == f"{old}/best-step30.ckpt" and len(unmoved.best_k_models) == 3
+    (new / "best-step30.ckpt").touch()  # the same folder, every file there: Lightning's restore, all kept
+    unmoved = BestCheckpoint(dirpath=str(new), monitor="val/neg_elbo", mode="min", save_top_k=3)
+    unmoved.load_state_dict({**state, "dirpath": str(new), "best_k_models": {
+        str(new / f"best-step{s}.ckpt"): torch.tensor(v) for s, v in ((10, 3.0), (20, 2.0), (30, 1.0))}})
+    assert unmoved.best_model_path == str(new / "best-step30.ckpt") and len(unmoved.best_k_models) == 3
+
+
+def test_restored_paths_stay_inside_the_checkpoint_folder(tmp_path):
+    """Paths that leave the folder (`..`, another absolute path) are dropped from the record, so that
+    Lightning never deletes them; the files of the folder are kept."""
+    here = tmp_path / "run" / "checkpoints"
+    here.mkdir(parents=True)
+    (here / "best-step10.ckpt").touch()
+    (tmp_path / "victim").touch()
+    outside = [f"{here}/../../victim", str(tmp_path / "victim"), "relative/victim", 7]
+    state = {"dirpath": str(here), "best_model_path": outside[0], "kth_best_model_path": outside[1],
+             "best_model_score": torch.tensor(1.0), "kth_value": torch.tensor(9.0), "last_model_path": outside[0],
+             "best_k_models": {**{str(p): torch.tensor(1.0) for p in outside}, str(here / "best-step10.ckpt"): torch.tensor(2.0)}}
+    callback = BestCheckpoint(dirpath=str(here), monitor="val/neg_elbo", mode="min", save_top_k=1)
+    callback.load_state_dict(state)
+    assert callback.best_k_models == {str(here / "best-step10.ckpt"): 2.0}
+    assert callback.best_model_path == callback.kth_best_model_path == str(here / "best-step10.ckpt")
+    assert callback.last_model_path == ""

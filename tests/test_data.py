@@ -221,3 +221,61 @@ def test_dynamic_mnist_splits_and_binarization(tmp_path):
 def test_dynamic_mnist_missing_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data.download=true"):
         D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()
+
+
+# -- bad files and places: one clear line each ---------------------------------------------------
+def test_a_gzip_that_inflates_past_the_canonical_size_is_refused_without_reading_it_all(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    limit = D.MAX_AMAT_BYTES["test"]
+    with gzip.open(folder / "binarized_mnist_test.amat.gz", "wb", compresslevel=1) as f:
+        for _ in range(limit // (1 << 20) + 2):  # a few KB on disk, more than the canonical file inflated
+            f.write(b"0" * (1 << 20))
+    with pytest.raises(DataError, match="holds more than the 10,000 images of the canonical file"):
+        D.load_binarized_mnist(tmp_path, "test", download=False)
+
+
+def test_an_unreadable_file_is_named_not_readable(tmp_path, small_rows, monkeypatch):
+    path = write_amat(tmp_path / "binarized_mnist", "test", small_rows(3))
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))  # as chmod 000 would for another user
+
+    monkeypatch.setattr(type(path), "open", refuse)
+    with pytest.raises(DataError, match=f"{path} is not readable"):
+        D.load_binarized_mnist(tmp_path, "test", download=False)
+
+
+def test_a_data_root_that_is_a_file_is_refused(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DataError, match="data.root is .*afile, a file"):
+        D.data_root(str(afile))
+    monkeypatch.setenv("DISCRETE_VAE_DATA", str(afile))
+    with pytest.raises(DataError, match=r"\$DISCRETE_VAE_DATA is .*afile, a file"):
+        D.BinarizedMNIST()
+
+
+class Endless:
+    """A download that never ends: 1 MB at a time."""
+
+    def read(self, size):
+        return b"0" * size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+@pytest.mark.parametrize("limit", ["size", "deadline"])
+def test_a_download_past_its_size_or_deadline_is_stopped_and_leaves_nothing(tmp_path, monkeypatch, limit):
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: Endless())
+    if limit == "deadline":
+        clock = iter(range(0, 10**6, 100))  # every read takes 100 s
+        monkeypatch.setattr(D.time, "monotonic", lambda: next(clock))
+    message = "larger than the canonical one" if limit == "size" else "took over 600 s"
+    with pytest.raises(DataError, match=message):
+        D.load_binarized_mnist(tmp_path / "data", "test", download=True)
+    assert not (tmp_path / "data").exists(), "no .part file, nor the folders made for it, is left"

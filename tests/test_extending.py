@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO, run_script
 from discrete_vae.build import build_model, load_checkpoint
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, DataError
 from discrete_vae.evaluation import evaluate
 
 PARTS = '''
@@ -126,7 +126,9 @@ def test_a_run_with_them_trains_checkpoints_and_evaluates(user_parts, data_root,
     run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(user_parts)})
     record = json.loads((run / "metrics.json").read_text())
     assert record["status"] == "finished" and record["estimator"] == "plain_reinforce" and record["steps"] == 6
-    module, cfg = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    with pytest.raises(DataError, match="latent._target_='user_parts.Bits' is not a Latent of discrete_vae"):
+        load_checkpoint(run / "checkpoints" / "last.ckpt")  # a package of the user's: named, or refused
+    module, cfg = load_checkpoint(run / "checkpoints" / "last.ckpt", trusted_modules=["user_parts"])
     assert cfg.latent._target_ == "user_parts.Bits" and type(module.estimator).__name__ == "PlainReinforce"
     x = (torch.rand(20, 784, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     result = evaluate(module.vae, [x], num_samples=50, seed=0)

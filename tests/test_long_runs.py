@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_script
 
-QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "test_iwae_samples=5",
+         "trainer.enable_progress_bar=false"]
 # 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2
 SHORT = ["trainer.max_epochs=3", "trainer.limit_train_batches=10", "trainer.log_every_n_steps=2",
          "callbacks.latest.every_n_train_steps=4", "seed=3", *QUICK]
@@ -125,8 +126,7 @@ def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
     proc = train(["-m", "optimizer.lr=1e20,1e-3", "trainer.max_steps=40", "trainer.val_check_interval=5",
                   "trainer.log_every_n_steps=10", *QUICK, f"hydra.sweep.dir={sweep}"], data_root, tmp_path, check=False)
     assert proc.returncode != 0, "the sweep reports the diverged job"
-    suffix = ",trainer.max_steps=40,trainer.val_check_interval=5"
-    diverged, healthy = (sweep / f"optimizer.lr=1e+20{suffix}", sweep / f"optimizer.lr=0.001{suffix}")
+    (diverged,), (healthy,) = sweep.glob("optimizer.lr=1e+20,*"), sweep.glob("optimizer.lr=0.001,*")
     strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))  # noqa: E731
     record = strict((diverged / "metrics.json").read_text())
     assert record["status"] == "diverged" and record["steps"] <= 10
@@ -174,7 +174,7 @@ def bad_inputs(trained: Path, tmp: Path):
         (train_, [f"ckpt_path={ckpt}", "estimator=sf"], "trained with estimator=st_gumbel (STGumbelSoftmax), the config says estimator=sf"),
         (train_, ["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
         ("evaluate.py", [f"ckpt_path={truncated}"], f"cannot read the checkpoint {truncated}"),
-        ("evaluate.py", [f"ckpt_path={text}"], f"cannot read the checkpoint {text}"),
+        ("evaluate.py", [f"ckpt_path={text}"], f"cannot read the checkpoint {text}: it is not a torch checkpoint"),
     ]
 
 
@@ -198,7 +198,7 @@ def test_sigterm_ends_with_status_143_and_the_run_resumes_exactly(data_root, tmp
     # full epochs (no limit_train_batches) of 10 steps and last.ckpt every 10 steps: every
     # checkpoint is taken at an epoch's last batch, as with the presets (every 1,000 steps,
     # epochs of 500). On SIGTERM Lightning stops after the step and leaves fit() with status 0.
-    full = ["data.batch_size=5000", "trainer.max_epochs=3", "callbacks.latest.every_n_train_steps=10",
+    full = ["data.batch_size=5000", "trainer.max_epochs=2", "callbacks.latest.every_n_train_steps=10",
             "trainer.log_every_n_steps=5", "seed=3", *QUICK]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train([*full, f"hydra.run.dir={straight}"], data_root, tmp_path)
@@ -211,7 +211,7 @@ def test_sigterm_ends_with_status_143_and_the_run_resumes_exactly(data_root, tmp
     assert "(step 10)" in proc.stdout
 
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
-    assert ra["steps"] == rb["steps"] == 30
+    assert ra["steps"] == rb["steps"] == 20
     a, b = weights(straight), weights(broken)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
     assert ra["metrics"] == rb["metrics"]
@@ -248,7 +248,9 @@ def test_an_attempt_killed_before_its_first_last_ckpt_leaves_nothing_behind(stra
     (broken / "checkpoints" / "best-step10_eval_test.json").write_text("{}")  # as scripts/evaluate.py writes
 
     proc = train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
-    assert "removed best-step10.ckpt of an earlier attempt" in proc.stderr + proc.stdout
+    assert "starting afresh (no last.ckpt to resume from): the earlier attempt's" in proc.stderr + proc.stdout
+    kept = list((broken / "earlier").glob("*/checkpoints/*"))  # set aside, not deleted
+    assert sorted(p.name for p in kept) == ["best-step10.ckpt", "best-step10_eval_test.json"]
     assert checkpoint_names(broken) == checkpoint_names(straight)  # no stale file, and no "-v1" beside a name already taken
     for tag in ("train/loss", "val/neg_elbo"):  # one trajectory: the attempt's events are purged
         assert scalars(straight, tag) == scalars(broken, tag), tag
@@ -283,3 +285,31 @@ def test_a_resume_from_an_epoch_end_checkpoint_is_exact(straight, data_root, tmp
     train([*SHORT, f"ckpt_path={saved}", f"hydra.run.dir={resumed}"], data_root, tmp_path)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming from an epoch's end"
+
+
+def test_ctrl_c_ends_with_status_130_and_says_where_to_resume(data_root, tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=8", "callbacks.latest.every_n_train_steps=2", "logger=null", *QUICK,
+            f"hydra.run.dir={run}"]
+    proc = train([*args, kill_at(5, sig="SIGINT")], data_root, tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 130, out[-2000:]
+    assert "stopped by SIGINT (Ctrl-C) at step 5" in out and "last.ckpt holds step 4" in out, out[-2000:]
+    assert not (run / "metrics.json").exists(), "an interrupted run is neither finished nor failed"
+    assert "(step 4)" in train(args, data_root, tmp_path).stdout  # and it resumes
+
+
+def test_resume_never_sets_the_earlier_attempt_aside(trained, data_root, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    record, names = (run / "metrics.json").read_text(), checkpoint_names(run)
+    # a config error first: the finished record stays as it was
+    proc = train(["resume=never", "seed=-1", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path, check=False)
+    assert proc.returncode == 1 and "seed must be between 0 and" in proc.stderr
+    assert (run / "metrics.json").read_text() == record
+    train(["resume=never", "trainer.max_steps=3", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
+    (earlier,) = (run / "earlier").iterdir()
+    assert (earlier / "metrics.json").read_text() == record, "the finished record is kept, whole"
+    assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == names
+    assert checkpoint_names(run) == names, "the new run's own files, no last-v1.ckpt beside an old last.ckpt"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"

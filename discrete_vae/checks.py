@@ -1,0 +1,115 @@
+"""Config values that no class of ours owns, checked before anything runs: the run's top-level keys
+and the Trainer's settings.
+
+The parts' own settings are checked where they are read (latent types, the VAE, estimators,
+datamodules and callbacks call `errors.require_number`), so that each message names its key.
+What is left here are the keys scripts/train.py reads itself and the `trainer` node, which
+Lightning would otherwise refuse with a traceback, or accept and misread (log_every_n_steps=0
+divides by zero; a seed out of range is silently replaced).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from discrete_vae.errors import ConfigError, require_number
+
+MAX_SEED = 2**32 - 1  # Lightning's seed_everything and numpy take seeds in [0, 2^32 - 1]
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PROFILERS = (None, "simple", "advanced", "pytorch")
+MAX_TIME = re.compile(r"^\d{1,2}:\d{2}:\d{2}:\d{2}$")  # DD:HH:MM:SS
+
+
+def require_bool(key: str, value: Any, hint: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}{hint and '; ' + hint}")
+    return value
+
+
+def require_choice(key: str, value: Any, choices) -> Any:
+    if value not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        raise ConfigError(f"{key}={value!r} is not one of {shown}")
+    return value
+
+
+def require_seed(key: str, value: Any) -> int:
+    return require_number(key, value, integer=True, low=0, high=MAX_SEED, hint="a whole number such as seed=1")
+
+
+def _limit(key: str, value: Any) -> None:
+    """Lightning's limit_*_batches: null (all), a number of batches, or a fraction in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, float) and not value.is_integer():
+        require_number(key, value, low=0.0, high=1.0, hint="a fraction in [0, 1] or a number of batches")
+    else:
+        require_number(key, value, low=0, hint="a number of batches, a fraction in [0, 1], or null for all")
+
+
+def check_run(cfg: Mapping) -> None:
+    """scripts/train.py's own top-level keys."""
+    require_seed("seed", cfg.get("seed"))
+    if cfg.get("num_threads") is not None:
+        require_number("num_threads", cfg.get("num_threads"), positive=True, integer=True, hint="or null")
+    require_choice("float32_matmul_precision", cfg.get("float32_matmul_precision", "high"), MATMUL_PRECISIONS)
+    require_bool("test", cfg.get("test", True))
+    require_number("num_images", cfg.get("num_images", 8), integer=True, low=0, high=10_000)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None and not isinstance(ckpt_path, str):
+        raise ConfigError(f"ckpt_path must be a path to a .ckpt file, got {ckpt_path!r}")
+
+
+def check_trainer(trainer: Mapping) -> None:
+    """The `trainer` node's settings that Lightning reads, each with its key named."""
+    t = dict(trainer)
+    require_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
+    if t.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={t['accelerator']} but torch sees no CUDA device here; "
+                          f"use trainer.accelerator=cpu (or auto)")
+    devices = t.get("devices", 1)
+    if not (devices == "auto" or devices == -1 or isinstance(devices, (list, str)) and devices):
+        require_number("trainer.devices", devices, positive=True, integer=True, hint="a count, -1 (all) or auto")
+    require_number("trainer.num_nodes", t.get("num_nodes", 1), positive=True, integer=True)
+    require_choice("trainer.precision", str(t.get("precision", "32-true")), PRECISIONS)
+    for key in ("max_epochs", "max_steps"):
+        if t.get(key) is not None:
+            require_number(f"trainer.{key}", t[key], integer=True, low=-1, hint="-1 for no limit")
+    for key in ("min_epochs", "min_steps"):
+        if t.get(key) is not None:
+            require_number(f"trainer.{key}", t[key], integer=True, low=0, hint="or null")
+    max_time = t.get("max_time")
+    if max_time is not None and not (isinstance(max_time, str) and MAX_TIME.match(max_time)):
+        raise ConfigError(f"trainer.max_time must be DD:HH:MM:SS such as \"00:12:00:00\", or null; got {max_time!r}")
+    require_number("trainer.log_every_n_steps", t.get("log_every_n_steps", 50), positive=True, integer=True)
+    if t.get("check_val_every_n_epoch") is not None:
+        require_number("trainer.check_val_every_n_epoch", t["check_val_every_n_epoch"], positive=True, integer=True,
+                       hint="or null to validate by val_check_interval alone")
+    interval = t.get("val_check_interval")
+    if isinstance(interval, float) and not interval.is_integer():
+        require_number("trainer.val_check_interval", interval, positive=True, high=1.0,
+                       hint="a fraction of an epoch in (0, 1], a number of steps, or null")
+    elif interval is not None:
+        require_number("trainer.val_check_interval", interval, positive=True, integer=True,
+                       hint="a number of steps, a fraction of an epoch in (0, 1], or null")
+    require_number("trainer.num_sanity_val_steps", t.get("num_sanity_val_steps", 2), integer=True, low=-1)
+    require_number("trainer.accumulate_grad_batches", t.get("accumulate_grad_batches", 1), positive=True, integer=True)
+    if t.get("gradient_clip_val") is not None:
+        require_number("trainer.gradient_clip_val", t["gradient_clip_val"], low=0, hint="or null for no clipping")
+    require_choice("trainer.gradient_clip_algorithm", t.get("gradient_clip_algorithm"), (None, "norm", "value"))
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        _limit(f"trainer.{key}", t.get(key))
+    for key in ("enable_progress_bar", "enable_model_summary", "detect_anomaly"):
+        if key in t:
+            require_bool(f"trainer.{key}", t[key])
+    if t.get("benchmark") is not None:
+        require_bool("trainer.benchmark", t["benchmark"], "or null")
+    if t.get("deterministic") not in (True, False, "warn", None):
+        raise ConfigError(f"trainer.deterministic must be true, false or warn, got {t.get('deterministic')!r}")
+    require_choice("trainer.profiler", t.get("profiler"), PROFILERS)

@@ -1,0 +1,213 @@
+"""Every input a user can type gets one clear line naming the key and the fix, or a correct run:
+the run's own keys and the Trainer's (discrete_vae.checks), the scripts' options, hand-edited
+records, the environment (a stale RANK, a filesystem without locks, a symlinked lock file), and
+nothing recorded is lost (a finished record is never replaced)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+
+from conftest import REPO, load_script, tiny_module
+from discrete_vae import estimators as E
+from discrete_vae import records, report, training
+from discrete_vae.checks import check_run, check_trainer
+from discrete_vae.errors import ConfigError, RunFolderBusy
+
+GOOD_RUN = {"seed": 0, "num_threads": None, "float32_matmul_precision": "high", "test": True, "num_images": 8,
+            "ckpt_path": None}
+GOOD_TRAINER = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "trainer" / "default.yaml"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", "abc", "seed must be an integer"),
+    ("seed", -1, "seed must be between 0 and 4294967295"),
+    ("seed", 10**30, "seed must be between 0 and 4294967295"),
+    ("num_threads", 0, "num_threads must be positive"),
+    ("float32_matmul_precision", "ultra", "float32_matmul_precision='ultra' is not one of highest, high, medium"),
+    ("test", "maybe", "test must be true or false"),
+    ("num_images", -1, "num_images must be between 0 and 10000"),
+    ("ckpt_path", 3, "ckpt_path must be a path"),
+])
+def test_the_runs_own_keys(key, value, message):
+    check_run(GOOD_RUN)
+    with pytest.raises(ConfigError, match=message):
+        check_run({**GOOD_RUN, key: value})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("log_every_n_steps", 0, "trainer.log_every_n_steps must be positive"),
+    ("max_steps", -5, "trainer.max_steps must be at least -1"),
+    ("max_epochs", "abc", "trainer.max_epochs must be an integer"),
+    ("limit_train_batches", -1, "trainer.limit_train_batches must be at least 0"),
+    ("limit_val_batches", 2.5, "trainer.limit_val_batches must be between 0.0 and 1.0"),
+    ("val_check_interval", 0, "trainer.val_check_interval must be positive"),
+    ("accumulate_grad_batches", 0, "trainer.accumulate_grad_batches must be positive"),
+    ("gradient_clip_val", -1, "trainer.gradient_clip_val must be at least 0"),
+    ("gradient_clip_algorithm", "max", "trainer.gradient_clip_algorithm='max' is not one of null, norm, value"),
+    ("precision", "8-bit", "trainer.precision='8-bit' is not one of"),
+    ("accelerator", "quantum", "trainer.accelerator='quantum' is not one of"),
+    ("devices", 0, "trainer.devices must be positive"),
+    ("num_sanity_val_steps", -5, "trainer.num_sanity_val_steps must be at least -1"),
+    ("profiler", "fancy", "trainer.profiler='fancy' is not one of"),
+    ("max_time", "soon", "trainer.max_time must be DD:HH:MM:SS"),
+    ("enable_progress_bar", "yes", "trainer.enable_progress_bar must be true or false"),
+])
+def test_the_trainer_keys(key, value, message):
+    check_trainer(GOOD_TRAINER)
+    with pytest.raises(ConfigError, match=message):
+        check_trainer({**GOOD_TRAINER, key: value})
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device here; use trainer.accelerator=cpu"):
+        check_trainer({**GOOD_TRAINER, "accelerator": "gpu"})
+
+
+def test_clipping_under_mixed_precision_trains_with_an_unfused_adam():
+    """bf16-mixed with gradient clipping: Lightning refuses to clip for the fused Adam (it unscales
+    its gradients itself), so the module does not force it then; the run trains."""
+    model = tiny_module(E.StraightThrough(), input_dim=16)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=torch.ones(2, 4, 16))  # 2 batches of 4
+    assert trainer.global_step == 2 and not trainer.optimizers[0].defaults.get("fused")
+    plain = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    plain.fit(fused := tiny_module(E.StraightThrough(), input_dim=16), train_dataloaders=torch.ones(1, 4, 16))
+    assert plain.optimizers[0].defaults.get("fused"), "without clipping the fused kernel is kept"
+    del fused
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_samples", True, "num_samples must be an integer, got True"),
+    ("num_samples", 0, "num_samples must be positive"),
+    ("batch_size", -1, "batch_size must be positive"),
+    ("split", "dev", "split='dev' is not one of train, val, test"),
+    ("seed", "abc", "seed must be an integer"),
+    ("max_configs", 0, "max_configs must be positive"),
+    ("limit_batches", 0, "limit_batches must be positive"),
+    ("max_rows", 0, "max_rows must be positive"),
+])
+def test_evaluate_options(key, value, message):
+    cfg = OmegaConf.load(REPO / "conf" / "evaluate.yaml")
+    cfg.ckpt_path = "x.ckpt"
+    evaluate = load_script("evaluate")
+    evaluate.check_options(cfg)
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=message):
+        evaluate.check_options(cfg)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("temperature", 0, "temperature must be positive"),
+    ("temperature", -1, "temperature must be positive"),
+    ("num_estimates", 1, "num_estimates must be at least 2"),
+    ("batch_size", 0, "batch_size must be positive"),
+    ("timing_repeats", -1, "timing_repeats must be at least 0"),
+    ("chunk_size", 0, "chunk_size must be positive"),
+    ("num_threads", 0, "num_threads must be positive"),
+    ("warm_baseline", "maybe", "warm_baseline must be true or false"),
+    ("ckpt_path", "/nowhere.ckpt", "no checkpoint at /nowhere.ckpt"),
+])
+def test_gradient_study_options(key, value, message):
+    cfg = OmegaConf.load(REPO / "conf" / "gradient_study.yaml")
+    study = load_script("gradient_study")
+    study.check_options(cfg)
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=message):
+        study.check_options(cfg)
+
+
+# -- records: never lost, never a traceback -----------------------------------------------------
+FINISHED = {"status": "finished", "metrics": {"val/neg_elbo": 100.0, "test/neg_elbo": 101.0}, "steps": 10,
+            "wall_time_s": 60.0, "overrides": ["estimator=st_gumbel", "seed=1"], "seed": 1, "estimator": "st_gumbel"}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: "{not json",
+    lambda r: "[1, 2]",
+    lambda r: json.dumps({k: v for k, v in r.items() if k != "status"}),
+    lambda r: json.dumps({**r, "status": "done"}),
+    lambda r: json.dumps({**r, "metrics": [1, 2]}),
+    lambda r: json.dumps({**r, "metrics": {"val/neg_elbo": "low"}}),
+    lambda r: json.dumps({**r, "steps": "ten"}),
+    lambda r: json.dumps({**r, "wall_time_s": "1 h"}),
+    lambda r: json.dumps({**r, "overrides": "estimator=sf"}),
+    lambda r: json.dumps({**r, "evaluation": {"metrics": None}}),
+])
+def test_report_lists_a_broken_record_with_its_problem(tmp_path, edit):
+    good, broken = tmp_path / "sweep" / "good", tmp_path / "sweep" / "broken"
+    for folder in (good, broken):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(FINISHED))
+    (broken / "metrics.json").write_text(edit(FINISHED))
+    (broken / "val_curve.csv").write_text("step,val/neg_elbo\nten,abc\n")  # a damaged curve, too
+    rows = report.report(tmp_path / "sweep")
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    assert "not a valid run record" in text and "fix or delete it" in text
+    assert sum(row["n_seeds"] for row in rows) == 1 and sum(row["n_failed"] for row in rows) == 1
+
+
+def test_the_record_names_its_run_whatever_hydra_rewrote(tmp_path):
+    """A later, skipped command with other overrides rewrites .hydra/overrides.yaml; the record wins."""
+    run = tmp_path / "sweep" / "st_gumbel,seed=1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- estimator=gumbel\n- seed=1\n")
+    (run / "metrics.json").write_text(json.dumps(FINISHED))
+    (run / "earlier" / "2026-01-01_00-00-00").mkdir(parents=True)  # an attempt set aside: not a run
+    (run / "earlier" / "2026-01-01_00-00-00" / "metrics.json").write_text(json.dumps(FINISHED))
+    (found,) = report.find_runs(tmp_path / "sweep")
+    assert found.estimator == "st_gumbel" and found.overrides == FINISHED["overrides"]
+
+
+def test_a_finished_record_is_never_replaced(tmp_path, caplog):
+    (tmp_path / "metrics.json").write_text(json.dumps(FINISHED))
+    cfg = OmegaConf.create({"seed": 1, "trainer": {"accelerator": "cpu"}})
+    with caplog.at_level(logging.WARNING):
+        training.write_record(cfg, tmp_path, 0.0, status="failed", metrics={}, error="ConfigError: seed")
+    assert json.loads((tmp_path / "metrics.json").read_text()) == FINISHED
+    assert "kept the finished record" in caplog.text
+
+
+# -- the environment ---------------------------------------------------------------------------
+def test_a_stale_rank_does_not_make_a_single_process_run_a_worker(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(rank_zero_only, "rank", 3)  # what Lightning read from the environment at import
+    training.forget_stale_rank({"devices": 2, "num_nodes": 1})
+    assert rank_zero_only.rank == 3, "a data-parallel run keeps its rank"
+    training.forget_stale_rank({"devices": 1, "num_nodes": 1})
+    assert rank_zero_only.rank == 0
+
+
+def test_the_lock_goes_on_without_flock_and_refuses_a_symlink(tmp_path, monkeypatch, caplog):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(training.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING), training.run_folder_lock(tmp_path / "run"):
+        pass
+    assert "going on without the guard" in caplog.text
+    monkeypatch.undo()
+    (tmp_path / "victim").write_text("keep\n")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / training.LOCK_FILE).symlink_to(tmp_path / "victim")
+    with pytest.raises(RunFolderBusy, match="symlink or not writable"), training.run_folder_lock(tmp_path / "linked"):
+        pass
+    assert (tmp_path / "victim").read_text() == "keep\n"
+
+
+def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
+    seen = []
+    monkeypatch.setattr(records.subprocess, "run", lambda args, **kw: seen.append(args) or
+                        type("Done", (), {"returncode": 0, "stdout": "abc1234\n"})())
+    assert records.source_commit() == "abc1234"
+    assert seen[0][:3] == ["git", "-c", "core.fsmonitor=false"]

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"model/num_latents": 20, ...} with TensorBoard-friendly values."""
+    """Nested config -> {"latent/num_latents": 20, ...} with TensorBoard-friendly values."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():

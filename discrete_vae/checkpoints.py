@@ -3,9 +3,12 @@ the callbacks that write them, and the wall clock they carry.
 
 - `read_checkpoint`: a checkpoint's contents as plain data (`torch.load(weights_only=True)`:
   tensors and containers, never objects), upgraded to the current layout (`upgrade`);
+- `AtomicCheckpointIO`: Lightning's checkpoint I/O, writing whole files only and reading data only;
 - `check_checkpoint_fits`: the setting in which a checkpoint and the configured run differ;
-- `clear_earlier_attempt` / `clear_past_the_checkpoint`: a run folder made to hold only what the
-  run about to start (or resume) will know of;
+- `set_aside_earlier_attempt` / `clear_past_the_checkpoint`: a run folder made to hold only what
+  the run about to start (or resume) will know of: an earlier attempt is moved into `earlier/`,
+  the checkpoints a killed process wrote past the last.ckpt resumed from are removed (the resumed
+  run writes them again, bit for bit);
 - `BestCheckpoint` / `LatestCheckpoint`: the best weights by `val/neg_elbo`, and last.ckpt every N
   steps for exact resume, both also across a resume from a run folder that has moved;
 - `WallClock`: the run's wall time across its resumes, kept in every checkpoint.

@@ -36,6 +36,8 @@ def check_options(cfg: DictConfig) -> None:
     require_seed("seed", cfg.seed)
     if cfg.limit_batches is not None:
         require_number("limit_batches", cfg.limit_batches, positive=True, integer=True, hint="or null for all")
+    if cfg.data_root is not None and Path(str(cfg.data_root)).expanduser().is_file():
+        raise ConfigError(f"data_root={cfg.data_root} is a file; point it at the folder that holds binarized_mnist/")
     if cfg.output is not None and Path(str(cfg.output)).is_dir():
         raise ConfigError(f"output={cfg.output} is a folder; give the path of the JSON file to write")
     if not all(isinstance(m, str) for m in cfg.trusted_modules):

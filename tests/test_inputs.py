@@ -96,6 +96,8 @@ def test_clipping_under_mixed_precision_trains_with_an_unfused_adam():
     ("max_configs", 0, "max_configs must be positive"),
     ("limit_batches", 0, "limit_batches must be positive"),
     ("max_rows", 0, "max_rows must be positive"),
+    ("data_root", str(REPO / "README.md"), "data_root=.*README.md is a file"),
+    ("output", str(REPO), "output=.* is a folder"),
 ])
 def test_evaluate_options(key, value, message):
     cfg = OmegaConf.load(REPO / "conf" / "evaluate.yaml")

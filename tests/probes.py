@@ -32,6 +32,8 @@ class KillOnce(L.Callback):
         if marker.exists():
             return
         marker.touch()
+        if self.sig == signal.SIGINT:  # as in a terminal: a process started in the background (CI,
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # nohup) inherits SIGINT ignored
         os.kill(os.getpid(), self.sig)
 
 

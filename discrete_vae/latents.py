@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discrete_vae import sampling
-from discrete_vae.errors import require_number
+from discrete_vae.errors import ConfigError, require_number
 
 Size = tuple[int, ...] | torch.Size
 
@@ -122,3 +123,62 @@ class Categorical(Latent):
 
     def describe(self) -> str:
         return f"N={self.num_latents} categorical latents of K={self.num_categories}"
+
+
+class Bernoulli(Latent):
+    """N independent binary units z_n in {0, 1}, q(z_n = 1 | x) = sigmoid(phi_n): the latent of
+    the binary-latent literature (Jang et al. 2017's "VAE Bern.", REBAR, RELAX, ARM, DisARM: N = 200).
+    The encoder gives logits (N,).
+
+    Prior: `uniform` (p = 1/2), or `learned`, a factorised Bernoulli whose logits eta train with the
+    model (as in the DisARM code). Analytic KL per unit, in log space:
+        KL = q (log q - log p) + (1 - q) (log(1 - q) - log(1 - p)),  log q = logsigmoid(phi), ...
+    """
+
+    name = "bernoulli"
+    PRIORS = ("uniform", "learned")
+
+    def __init__(self, num_latents: int = 200, prior: str = "uniform"):
+        super().__init__()
+        self.num_latents = int(require_number("latent.num_latents", num_latents, positive=True, integer=True))
+        if prior not in self.PRIORS:
+            raise ConfigError(f"latent.prior={prior!r} is not one of {', '.join(self.PRIORS)}")
+        self.prior = prior
+        if prior == "learned":
+            self.prior_logits = nn.Parameter(torch.zeros(self.num_latents))  # (N,), trained with the model
+        else:
+            self.register_buffer("prior_logits", torch.zeros(self.num_latents), persistent=False)
+
+    @property
+    def param_shape(self) -> tuple[int]:
+        return (self.num_latents,)
+
+    def sample(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.bernoulli(logits, sample_shape, generator)  # (*S, B, N) of 0./1.
+
+    def log_prob(self, logits: Tensor, z: Tensor) -> Tensor:
+        logits, z = torch.broadcast_tensors(logits, z)
+        return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(-1)
+
+    def kl(self, logits: Tensor) -> Tensor:
+        q = torch.sigmoid(logits)  # (B, N)
+        eta = self.prior_logits.to(logits)
+        on = F.logsigmoid(logits) - F.logsigmoid(eta)  # log q - log p
+        off = F.logsigmoid(-logits) - F.logsigmoid(-eta)  # log(1 - q) - log(1 - p)
+        return (q * on + (1 - q) * off).sum(-1)
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        return self.log_prob(self.prior_logits.to(z), z)
+
+    def prior_sample(self, num: int, generator=None, device=None) -> Tensor:
+        return sampling.bernoulli(self.prior_logits.detach().to(device).expand(num, -1), generator=generator)
+
+    @property
+    def num_configs(self) -> int:
+        return 2**self.num_latents
+
+    def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
+        return sampling.enumerate_bits(self.num_latents, start, end, device=device, dtype=dtype)
+
+    def describe(self) -> str:
+        return f"N={self.num_latents} Bernoulli latents ({self.prior} prior)"

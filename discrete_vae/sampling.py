@@ -238,3 +238,43 @@ def concrete_log_prob(value: torch.Tensor, logits: torch.Tensor, tau: float | to
         + (logits - (tau + 1) * log_y).sum(-1)
         - K * torch.logsumexp(logits - tau * log_y, dim=-1)
     )
+
+
+# -- binary latents ------------------------------------------------------------------------------
+def logistic_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of the standard logistic: L = log u - log(1 - u), finite for every u in [0, 1]
+    (clamped as `clamp_unit`). The binary analogue of Gumbel noise: sigma(phi + L) is the binary
+    Concrete (Maddison et al. 2017, Sec. 3.3; Jang et al. 2017's Bernoulli case)."""
+    u = clamp_unit(u)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> torch.Tensor:
+    """Exact Bernoulli(sigmoid(logits)) sample, as 0./1. in the dtype of `logits`: 1[logits + L > 0],
+    L standard logistic (P(L > -phi) = sigmoid(phi)). No gradient flows through it."""
+    with torch.no_grad():
+        shape = torch.Size(sample_shape) + logits.shape
+        noise = logistic_from_uniform(uniform(shape, device=logits.device, dtype=logits.dtype, generator=generator))
+        return (logits + noise > 0).to(logits.dtype)
+
+
+def antithetic_bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None):
+    """The antithetic pair of ARM and DisARM from one uniform u per unit (Yin & Zhou 2019, Eq. 5;
+    Dong et al. 2020, Sec. 3): b = 1[u > sigmoid(-phi)] and b~ = 1[u < sigmoid(phi)], written in log
+    space with L = logit(u) as b = 1[phi + L > 0], b~ = 1[phi - L > 0]. Each is Bernoulli(sigmoid(phi));
+    they differ only where |L| > |phi|. Returns (b, b~, u), no gradient.  # each (*S, ..., N)"""
+    with torch.no_grad():
+        shape = torch.Size(sample_shape) + logits.shape
+        u = uniform(shape, device=logits.device, dtype=logits.dtype, generator=generator)
+        noise = logistic_from_uniform(u)
+        return (logits + noise > 0).to(logits.dtype), (logits - noise > 0).to(logits.dtype), u
+
+
+def enumerate_bits(num_latents: int, start: int = 0, end: int | None = None, *, device=None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """All 2**N binary configurations (or the slice [start, end) of them), the last unit fastest.  # (C, N)"""
+    total = 2**num_latents
+    end = total if end is None else min(end, total)
+    index = torch.arange(start, end, device=device)  # (C,)
+    shifts = torch.arange(num_latents - 1, -1, -1, device=device)  # (N,)
+    return ((index[:, None] >> shifts) & 1).to(dtype)

@@ -106,6 +106,7 @@ ESTIMATORS = {
     "sf": E.ScoreFunction(), "rloo": E.RLOO(4), "exact": E.Exact(), "gumbel": E.GumbelSoftmax(),
     "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
     "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
+    "arm": E.ARM(), "disarm": E.DisARM(),
 }
 
 
@@ -119,6 +120,7 @@ def test_capabilities_are_declared_as_class_attributes():
         "st": (False, True, categorical), "gumbel_rao": (False, True, categorical),
         "reinmax": (False, True, categorical), "gst": (False, True, categorical),
         "zgr": (False, False, categorical), "indecater": (False, False, categorical),
+        "arm": (False, False, ("bernoulli",)), "disarm": (False, False, ("bernoulli",)),
     }
     assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
 
@@ -127,7 +129,8 @@ def test_decoder_evaluations_per_example_are_declared():
     latent = Categorical(20, 10)
     evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
     assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
-                           "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1}
+                           "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1,
+                           "arm": 2, "disarm": 2}
     # what one call of the cost may hold, per example (the diagnostics' memory bound)
     assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
     assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16

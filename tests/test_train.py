@@ -22,20 +22,22 @@ def run_train(args, data_root, check=True):
     return run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)}, check=check)
 
 
-def latent_overrides(name):
-    return ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
+ON_BITS = ["arm", "disarm", "exact"]  # trained on 8 Bernoulli latents: made for them, or enumerating 2^8
+CATEGORICAL = [name for name in ESTIMATORS if name not in ON_BITS]
 
 
 @pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory) -> dict:
-    """Every estimator trained a few steps through scripts/train.py: one multirun for those that fit
-    the default 20x10 model and one run for exact (2x10), two processes in all.  # name -> run folder"""
-    sweep = tmp_path_factory.mktemp("every_estimator")
-    others = [name for name in ESTIMATORS if name != "exact"]
-    run_train(["-m", f"estimator={','.join(others)}", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
-    run_train(["estimator=exact", "seed=2", *latent_overrides("exact"), *TINY, f"hydra.run.dir={sweep / 'exact'}"],
-              data_root)
-    return {name: sweep / (name if name == "exact" else f"{name},seed=2,trainer.max_epochs=1") for name in ESTIMATORS}
+    """Every estimator trained a few steps through scripts/train.py, two multiruns in all: those that
+    fit the default 20x10 categorical model, and on 8 Bernoulli latents those made for binary
+    latents and exact (2^8 configurations).  # name -> run folder"""
+    sweep, binary = tmp_path_factory.mktemp("every_estimator"), tmp_path_factory.mktemp("binary")
+    run_train(["-m", f"estimator={','.join(CATEGORICAL)}", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
+    run_train(["-m", f"estimator={','.join(ON_BITS)}", "seed=2", "latent=bernoulli", "latent.num_latents=8", *TINY,
+               f"hydra.sweep.dir={binary}"], data_root)
+    return {name: sweep / f"{name},seed=2,trainer.max_epochs=1" if name in CATEGORICAL
+            else binary / f"{name},seed=2,latent=bernoulli,latent.num_latents=8,trainer.max_epochs=1"
+            for name in ESTIMATORS}
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -58,7 +60,7 @@ def test_every_estimator_trains_and_logs(name, trained):
     assert "val/neg_elbo" in {m.name.tag for m in experiment.metric_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert session.hparams["choice/estimator"].string_value == name
-    assert session.hparams["latent/num_latents"].number_value == (2 if name == "exact" else 20)
+    assert session.hparams["latent/num_latents"].number_value == (8 if name in ON_BITS else 20)
 
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and any(c.startswith("best") for c in checkpoints)
@@ -76,7 +78,7 @@ def test_multirun_names_runs_by_their_overrides(trained):
     sweep = trained["gumbel"].parent
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     # the estimator first, then the seed; budgets like limit_*_batches are excluded, max_epochs is kept
-    assert runs == sorted(["exact", *(f"{name},seed=2,trainer.max_epochs=1" for name in ESTIMATORS if name != "exact")])
+    assert runs == sorted(f"{name},seed=2,trainer.max_epochs=1" for name in CATEGORICAL)
     for run in runs:
         assert list((sweep / run).glob("events.out.tfevents.*")), run
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()

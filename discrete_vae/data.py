@@ -337,22 +337,29 @@ class DynamicMNIST(_TensorDataModule):
     """
 
     binarize_train = True
+    dataset = "MNIST"  # the torchvision class, and the folder under data.root that holds it
 
     def __init__(self, *args, num_val: int = 10_000, split_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        require_number("data.num_val", num_val, positive=True, integer=True, high=59_999)
+        require_number("data.split_seed", split_seed, integer=True, low=0)
         self.num_val, self.split_seed = num_val, split_seed
 
     def load(self) -> dict[str, Tensor]:
-        from torchvision.datasets import MNIST
+        import torchvision.datasets
 
+        source = getattr(torchvision.datasets, self.dataset)
         try:
-            train = MNIST(str(self.root), train=True, download=self.download).data
-            test = MNIST(str(self.root), train=False, download=self.download).data
+            train = source(str(self.root), train=True, download=self.download).data
+            test = source(str(self.root), train=False, download=self.download).data
         except RuntimeError as err:
             raise DataError(
-                f"torchvision MNIST not found under {self.root / 'MNIST'} ({err}). Allow the download with "
-                f"data.download=true or point data.root (or $DISCRETE_VAE_DATA) at a folder holding MNIST/raw."
+                f"torchvision {self.dataset} not found under {self.root / self.dataset} ({err}). Allow the download "
+                f"with data.download=true or point data.root (or $DISCRETE_VAE_DATA) at a folder holding "
+                f"{self.dataset}/raw."
             ) from err
+        if self.num_val >= len(train):
+            raise DataError(f"data.num_val={self.num_val} leaves no training images of the {len(train)}; lower it")
         generator = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(train), generator=generator)
         gray = lambda t: (t.flatten(1).float() / 255.0)  # noqa: E731
@@ -362,3 +369,11 @@ class DynamicMNIST(_TensorDataModule):
             "val": fixed(train[order[-self.num_val :]]),
             "test": fixed(test),
         }
+
+
+class DynamicFashionMNIST(DynamicMNIST):
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) through torchvision, 60k / 10k grey-level images
+    of clothes, dynamically binarized as `DynamicMNIST` (the DisARM experiments' `fashion_mnist`);
+    downloaded on first use into <root>/FashionMNIST/raw."""
+
+    dataset = "FashionMNIST"

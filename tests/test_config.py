@@ -71,3 +71,13 @@ def test_sweep_folders_put_what_differs_first():
     assert name == "sf,seed=1,trainer.max_steps=20"
     assert normalize_overrides(["logger=null", "+logger=none", "ckpt_path=a=b,c"], path_keys=["ckpt_path"]) == [
         "~logger", "~logger", "ckpt_path='a=b,c'"]
+
+
+def test_every_data_config_composes_into_its_datamodule(tmp_path):
+    from discrete_vae import data as D
+
+    expected = {"binarized_mnist": D.BinarizedMNIST, "mnist": D.DynamicMNIST, "fashion_mnist": D.DynamicFashionMNIST}
+    assert {p.stem for p in (CONF / "data").glob("*.yaml")} == set(expected)
+    for name, cls in expected.items():
+        module = instantiate(compose_train([f"data={name}", f"data.root={tmp_path}"]).data)
+        assert type(module) is cls and module.root == tmp_path

@@ -189,11 +189,11 @@ def test_ranks_take_disjoint_shares_that_cover_the_epoch():
     assert sorted(torch.cat(shares).tolist()) == list(range(40))
 
 
-def write_idx_mnist(root, n_train, n_test):
-    """Tiny torchvision-format MNIST (IDX files) under root/MNIST/raw."""
+def write_idx_mnist(root, n_train, n_test, dataset="MNIST"):
+    """Tiny torchvision-format MNIST or Fashion-MNIST (IDX files) under root/<dataset>/raw."""
     import struct
 
-    raw = root / "MNIST" / "raw"
+    raw = root / dataset / "raw"
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -203,15 +203,18 @@ def write_idx_mnist(root, n_train, n_test):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
 
 
-def test_dynamic_mnist_splits_and_binarization(tmp_path):
-    write_idx_mnist(tmp_path, n_train=30, n_test=7)
-    dm = D.DynamicMNIST(root=str(tmp_path), download=False, num_val=10, batch_size=4)
+@pytest.mark.parametrize("module", [D.DynamicMNIST, D.DynamicFashionMNIST])
+def test_dynamic_mnist_splits_and_binarization(tmp_path, module):
+    """MNIST and Fashion-MNIST through the real torchvision code path, from small IDX files of the
+    canonical format (no download here)."""
+    write_idx_mnist(tmp_path, n_train=30, n_test=7, dataset=module.dataset)
+    dm = module(root=str(tmp_path), download=False, num_val=10, batch_size=4)
     splits = dm.load_splits()
     assert splits["train"].shape == (20, 784) and splits["val"].shape == (10, 784) and splits["test"].shape == (7, 784)
     assert splits["train"].dtype == torch.float32 and 0 < splits["train"].max() <= 1  # grayscale in [0, 1]
     assert set(splits["val"].unique().tolist()) <= {0, 1} and set(splits["test"].unique().tolist()) <= {0, 1}
     # the held-out split and its binarization are fixed by the seed
-    again = D.DynamicMNIST(root=str(tmp_path), download=False, num_val=10).load_splits()
+    again = module(root=str(tmp_path), download=False, num_val=10).load_splits()
     assert torch.equal(splits["val"], again["val"]) and torch.equal(splits["train"], again["train"])
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -221,6 +224,11 @@ def test_dynamic_mnist_splits_and_binarization(tmp_path):
 def test_dynamic_mnist_missing_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data.download=true"):
         D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()
+    with pytest.raises(DataError, match="torchvision FashionMNIST not found under .*FashionMNIST"):
+        D.DynamicFashionMNIST(root=str(tmp_path), download=False).load_splits()
+    write_idx_mnist(tmp_path, n_train=30, n_test=7)
+    with pytest.raises(DataError, match="data.num_val=40 leaves no training images of the 30"):
+        D.DynamicMNIST(root=str(tmp_path), download=False, num_val=40).load_splits()
 
 
 # -- bad files and places: one clear line each ---------------------------------------------------

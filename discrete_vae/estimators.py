@@ -161,31 +161,41 @@ class RLOO(Estimator):
 
 class GumbelSoftmax(TemperatureEstimator):
     """Gumbel-Softmax / Concrete relaxation (Jang et al. 2017, Eq. 1; Maddison et al. 2017):
-    the decoder sees y = softmax((logits + g) / tau). Biased for tau > 0; `value` is f(y).
+    the decoder sees y = softmax((logits + g) / tau); on Bernoulli latents the binary Concrete
+    y = sigmoid((logits + L) / tau), L logistic (Maddison et al. 2017, Sec. 3.3), the latent type's
+    `relaxed_sample`. Biased for tau > 0; `value` is f(y).
     """
 
+    latent_types = ("categorical", "bernoulli")
+
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        f = cost(sampling.gumbel_softmax(logits, self.tau))  # (B,)
+        f = cost(latent.relaxed_sample(logits, self.tau))  # (B,)
         return EstimatorOutput(f, f)
 
 
 class STGumbelSoftmax(TemperatureEstimator):
     """Straight-through Gumbel-Softmax (Jang et al. 2017, Sec. 2.2): forward the hard
-    D = onehot(argmax(logits + g)), backward through softmax((logits + g) / tau).
+    D = onehot(argmax(logits + g)), backward through softmax((logits + g) / tau); on Bernoulli
+    latents forward 1[logits + L > 0], backward through sigmoid((logits + L) / tau).
     """
 
+    latent_types = ("categorical", "bernoulli")
+
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        f = cost(sampling.gumbel_softmax(logits, self.tau, hard=True))
+        f = cost(latent.relaxed_sample(logits, self.tau, hard=True))
         return EstimatorOutput(f, f)
 
 
 class StraightThrough(TemperatureEstimator):
     """Straight-through (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4): forward
-    D ~ Cat(softmax(logits)), backward through softmax(logits / tau), noise-free.
+    D ~ Cat(softmax(logits)), backward through softmax(logits / tau), noise-free; on Bernoulli
+    latents forward z ~ Bernoulli(sigmoid(logits)), backward through sigmoid(logits / tau).
     """
 
+    latent_types = ("categorical", "bernoulli")
+
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        f = cost(sampling.categorical_straight_through(logits, self.tau))
+        f = cost(latent.straight_through_sample(logits, self.tau))
         return EstimatorOutput(f, f)
 
 

@@ -8,7 +8,9 @@ conf/latent/); it owns
   the latents (noise comes from discrete_vae.sampling, the one place it is drawn);
 - `kl` / `prior_log_prob` / `prior_sample`: the prior p(z), with the analytic KL(q || p);
 - `num_configs` / `enumerate`: every z in a fixed order, for exact enumeration;
-- `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width.
+- `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width;
+- `relaxed_sample` / `straight_through_sample`: its continuous relaxation and its straight-through
+  sample, for the relaxed estimators (Gumbel-Softmax on categories, the binary Concrete on bits).
 
 Capabilities are declared as class attributes, as torch.distributions does (`has_rsample`):
 `name` is what an estimator lists in its `latent_types` to say it supports this type.
@@ -74,6 +76,15 @@ class Latent(nn.Module):
         """Configurations [start, end) of the `num_configs`, in a fixed order.  # (C, *param_shape)"""
         raise NotImplementedError
 
+    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:  # pragma: no cover
+        """The reparameterised relaxation of a sample at temperature tau; with `hard`, forward the exact
+        sample and backward through the relaxation, with the same noise."""
+        raise NotImplementedError
+
+    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:  # pragma: no cover
+        """Forward an exact sample, backward through the noise-free relaxation at temperature tau."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return f"{self.name} {self.param_shape}"
 
@@ -120,6 +131,12 @@ class Categorical(Latent):
 
     def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
         return sampling.enumerate_one_hot(self.num_latents, self.num_categories, start, end, device=device, dtype=dtype)
+
+    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
+        return sampling.gumbel_softmax(logits, tau, hard=hard)  # Jang et al. 2017, Eq. 1 / Sec. 2.2
+
+    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
+        return sampling.categorical_straight_through(logits, tau)
 
     def describe(self) -> str:
         return f"N={self.num_latents} categorical latents of K={self.num_categories}"
@@ -179,6 +196,12 @@ class Bernoulli(Latent):
 
     def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
         return sampling.enumerate_bits(self.num_latents, start, end, device=device, dtype=dtype)
+
+    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
+        return sampling.binary_concrete(logits, tau, hard=hard)  # Maddison et al. 2017, Sec. 3.3
+
+    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
+        return sampling.bernoulli_straight_through(logits, tau)
 
     def describe(self) -> str:
         return f"N={self.num_latents} Bernoulli latents ({self.prior} prior)"

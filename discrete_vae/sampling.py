@@ -278,3 +278,29 @@ def enumerate_bits(num_latents: int, start: int = 0, end: int | None = None, *, 
     index = torch.arange(start, end, device=device)  # (C,)
     shifts = torch.arange(num_latents - 1, -1, -1, device=device)  # (N,)
     return ((index[:, None] >> shifts) & 1).to(dtype)
+
+
+def binary_concrete(
+    logits: torch.Tensor, tau: float | torch.Tensor, sample_shape: Size = (), hard: bool = False, generator=None
+) -> torch.Tensor:
+    """Binary Concrete / relaxed Bernoulli sample y = sigmoid((logits + L) / tau), L standard
+    logistic (Maddison et al. 2017, Sec. 3.3 and App. B; the two-category Gumbel-Softmax of
+    Jang et al. 2017, whose "VAE Bern." row uses it). Differentiable in `logits`.
+
+    With `hard=True`, straight-through: forward 1[logits + L > 0], an exact Bernoulli sample,
+    backward through the soft sample, same noise L."""
+    shape = torch.Size(sample_shape) + logits.shape
+    perturbed = logits + logistic_from_uniform(uniform(shape, device=logits.device, dtype=logits.dtype,
+                                                       generator=generator))
+    soft = torch.sigmoid(perturbed / tau)
+    if not hard:
+        return soft
+    return straight_through((perturbed.detach() > 0).to(soft.dtype), soft)
+
+
+def bernoulli_straight_through(
+    logits: torch.Tensor, tau: float | torch.Tensor, sample_shape: Size = (), generator=None
+) -> torch.Tensor:
+    """Straight-through Bernoulli sample (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4):
+    forward z ~ Bernoulli(sigmoid(logits)), backward through sigmoid(logits / tau), no noise."""
+    return straight_through(bernoulli(logits, sample_shape, generator), torch.sigmoid(logits / tau))

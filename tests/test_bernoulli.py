@@ -105,11 +105,40 @@ def test_disarm_has_less_variance_than_arm_at_equal_decoder_evaluations():
 def test_each_estimator_is_refused_by_the_latent_types_it_does_not_declare():
     with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
         E.DisARM().check(Categorical(2, 3))
-    for estimator in (E.GumbelSoftmax(), E.STGumbelSoftmax(), E.GumbelRao(), E.IndeCateR(), E.ZGR()):
+    for estimator in (E.GumbelRao(), E.IndeCateR(), E.ZGR(), E.ReinMax(), E.GappedStraightThrough()):
         with pytest.raises(ConfigError, match="supports categorical latents, not bernoulli"):
             estimator.check(Bernoulli(3))
     with pytest.raises(ConfigError, match="latent.prior='flat' is not one of uniform, learned"):
         Bernoulli(3, prior="flat")
+
+
+def test_the_binary_concrete_approaches_the_exact_direction_as_tau_shrinks():
+    """Gumbel-Softmax on bits is the binary Concrete (Maddison et al. 2017, Sec. 3.3)."""
+    tiny = TinyBits()
+    torch.manual_seed(0)
+    exact = tiny.exact_grad()
+    cosines, biases, ses = [], [], []
+    for tau in (2.0, 1.0, 0.5, 0.1):
+        grads = tiny.sample_grads(E.GumbelSoftmax(tau=tau), 100_000)
+        cosines.append(F.cosine_similarity(grads.mean(0), exact, dim=0).item())
+        biases.append((grads.mean(0) - exact).norm().item())
+        ses.append((grads.var(0).sum() / len(grads)).sqrt().item())
+    assert all(a < b for a, b in zip(cosines, cosines[1:])), cosines
+    assert cosines[-1] > 0.999, cosines  # 0.9999 here
+    assert biases[0] > 20 * ses[0], "at tau=2 the relaxation is clearly biased"
+
+
+@pytest.mark.parametrize("make", [lambda: E.STGumbelSoftmax(tau=0.7), lambda: E.StraightThrough(tau=0.7)])
+def test_straight_through_on_bits_reports_the_cost_at_an_exact_sample(make):
+    tiny, seen = TinyBits(), []
+    logits = tiny.logits.expand(50_000, tiny.N).clone().requires_grad_()
+    out = make()(logits, lambda z: seen.append(z) or tiny.cost(z), tiny.latent)
+    (z,) = seen
+    assert set(z.detach().unique().tolist()) == {0.0, 1.0} and torch.equal(out.value, tiny.cost(z.detach()))
+    rate = torch.sigmoid(tiny.logits)
+    assert ((z.detach().mean(0) - rate).abs() <= 5 * (rate * (1 - rate) / 50_000).sqrt()).all()
+    (grad,) = torch.autograd.grad(out.loss.sum(), logits)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def compose_bernoulli(*overrides):

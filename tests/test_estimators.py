@@ -113,11 +113,11 @@ ESTIMATORS = {
 def test_capabilities_are_declared_as_class_attributes():
     declared = {name: (type(e).deterministic, type(e).has_temperature, type(e).latent_types)
                 for name, e in ESTIMATORS.items()}
-    categorical, anything = ("categorical",), E.ANY_LATENT
+    categorical, anything, both = ("categorical",), E.ANY_LATENT, ("categorical", "bernoulli")
     assert declared == {
         "sf": (False, False, anything), "rloo": (False, False, anything), "exact": (True, False, anything),
-        "gumbel": (False, True, categorical), "st_gumbel": (False, True, categorical),
-        "st": (False, True, categorical), "gumbel_rao": (False, True, categorical),
+        "gumbel": (False, True, both), "st_gumbel": (False, True, both),
+        "st": (False, True, both), "gumbel_rao": (False, True, categorical),
         "reinmax": (False, True, categorical), "gst": (False, True, categorical),
         "zgr": (False, False, categorical), "indecater": (False, False, categorical),
         "arm": (False, False, ("bernoulli",)), "disarm": (False, False, ("bernoulli",)),
@@ -146,5 +146,5 @@ class Spins(Latent):
 
 def test_an_estimator_refuses_a_latent_type_it_does_not_declare():
     with pytest.raises(ConfigError, match="supports categorical latents, not spins"):
-        E.GumbelSoftmax().check(Spins())
+        E.ZGR().check(Spins())
     E.ScoreFunction().check(Spins())  # written against the Latent interface: any type

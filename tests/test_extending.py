@@ -115,7 +115,7 @@ def test_the_new_parts_plug_in_and_the_estimators_say_what_they_support(user_par
     expected = (q * model.vae.cost(configs[:, None], x)).sum(0) + model.vae.kl(logits)
     assert torch.allclose(out.loss, expected.mean(), rtol=1e-5)
     with pytest.raises(ConfigError, match="supports categorical latents, not bits"):
-        build_model(compose_user(user_parts, ["latent=bits", "estimator=gumbel"]))
+        build_model(compose_user(user_parts, ["latent=bits", "estimator=zgr"]))
 
 
 def test_a_run_with_them_trains_checkpoints_and_evaluates(user_parts, data_root, tmp_path):

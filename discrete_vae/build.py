@@ -49,17 +49,13 @@ def build_vae(cfg: DictConfig) -> VAE:
     return build(cfg.model, latent=build(cfg.latent))
 
 
-def build_estimator(cfg: DictConfig) -> Estimator:
-    return build(cfg.estimator)
-
-
 def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
                 run_choices: dict[str, str] | None = None) -> VAEModule:
     """The LightningModule of a run: the VAE, the estimator (checked against the latent type), the
     optimizer and the evaluation settings. `run_config` is saved in its checkpoints."""
     optimizer = build(cfg.optimizer) if cfg.get("optimizer") is not None else None
     return VAEModule(
-        build_vae(cfg), build_estimator(cfg), optimizer=optimizer,
+        build_vae(cfg), build(cfg.estimator), optimizer=optimizer,
         num_images=cfg.get("num_images", 8), test_iwae_samples=cfg.get("test_iwae_samples", 50),
         seed=cfg.get("seed", 0), run_config=run_config, run_choices=run_choices,
     )

@@ -90,13 +90,17 @@ def iwae_bound(model, x, num_samples, generator=None, max_rows=DEFAULT_MAX_ROWS)
     return sample_bounds(model, x, num_samples, generator, max_rows).nll_iwae
 
 
+def fits_exact(model: VAE, max_configs: int) -> bool:
+    """Whether the latent type's configurations fit the enumeration budget."""
+    return model.latent.num_configs <= max_configs
+
+
 def check_exact(model: VAE, max_configs: int) -> None:
     """Raise ConfigError when the latent type's configurations are over the enumeration budget."""
-    total = model.latent.num_configs
-    if total > max_configs:
+    if not fits_exact(model, max_configs):
         raise ConfigError(
-            f"nll_exact enumerates {total:.4g} configurations of {model.latent.describe()}, over the "
-            f"budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
+            f"nll_exact enumerates {model.latent.num_configs:.4g} configurations of {model.latent.describe()}, "
+            f"over the budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
         )
 
 
@@ -136,7 +140,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(int(seed))
-    with_exact = model.latent.num_configs <= max_configs
+    with_exact = fits_exact(model, max_configs)
     totals = {"neg_elbo": 0.0, "nll_iwae": 0.0, "nll_exact": 0.0}
     count = 0
     try:

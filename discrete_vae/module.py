@@ -87,22 +87,23 @@ class VAEModule(L.LightningModule):
         """Before a fit: the training images' width must be model.input_dim, and a fresh model's
         output bias comes from the training split (model.output_bias_init=data_mean). A resumed fit
         then restores the checkpoint's weights over it (Lightning restores after `setup`)."""
-        train_images = getattr(self.trainer.datamodule, "train_images", None)
         if stage != "fit":
             return
-        if train_images is not None and train_images().shape[-1] != self.vae.input_dim:
-            width = train_images().shape[-1]
+        train_images = getattr(self.trainer.datamodule, "train_images", None)
+        images = train_images() if train_images is not None else None  # (rows, D)
+        if images is not None and images.shape[-1] != self.vae.input_dim:
+            width = images.shape[-1]
             raise ConfigError(f"the training images have {width} pixels but model.input_dim={self.vae.input_dim}; "
                               f"set model.input_dim={width}")
         if not self.vae.output_bias_pending:
             return
-        if train_images is None:
+        if images is None:
             raise ConfigError(
                 "model.output_bias_init=data_mean needs the training images from the datamodule "
                 "(a train_images() method, as discrete_vae.data's datamodules have); "
                 "set model.output_bias_init=default to keep PyTorch's initialisation"
             )
-        self.vae.init_output_bias(train_images())
+        self.vae.init_output_bias(images)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before Lightning loads the state (resume, test): a checkpoint of an earlier layout is

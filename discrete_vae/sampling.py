@@ -249,13 +249,16 @@ def logistic_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
+def _logistic_like(logits: torch.Tensor, sample_shape: Size, generator) -> torch.Tensor:
+    shape = torch.Size(sample_shape) + logits.shape
+    return logistic_from_uniform(uniform(shape, device=logits.device, dtype=logits.dtype, generator=generator))
+
+
 def bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> torch.Tensor:
     """Exact Bernoulli(sigmoid(logits)) sample, as 0./1. in the dtype of `logits`: 1[logits + L > 0],
     L standard logistic (P(L > -phi) = sigmoid(phi)). No gradient flows through it."""
     with torch.no_grad():
-        shape = torch.Size(sample_shape) + logits.shape
-        noise = logistic_from_uniform(uniform(shape, device=logits.device, dtype=logits.dtype, generator=generator))
-        return (logits + noise > 0).to(logits.dtype)
+        return (logits + _logistic_like(logits, sample_shape, generator) > 0).to(logits.dtype)
 
 
 def antithetic_bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None):
@@ -289,9 +292,7 @@ def binary_concrete(
 
     With `hard=True`, straight-through: forward 1[logits + L > 0], an exact Bernoulli sample,
     backward through the soft sample, same noise L."""
-    shape = torch.Size(sample_shape) + logits.shape
-    perturbed = logits + logistic_from_uniform(uniform(shape, device=logits.device, dtype=logits.dtype,
-                                                       generator=generator))
+    perturbed = logits + _logistic_like(logits, sample_shape, generator)  # (*S, ..., N)
     soft = torch.sigmoid(perturbed / tau)
     if not hard:
         return soft

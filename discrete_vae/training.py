@@ -245,10 +245,9 @@ def check_temperature_settings(overrides: list[str]) -> None:
         )
 
 
-def build_run_model(cfg: DictConfig) -> VAEModule:
+def build_run_model(cfg: DictConfig, choices: dict[str, str]) -> VAEModule:
     """The run's LightningModule, with the resolved config and group choices it saves in checkpoints."""
-    return build_model(cfg, run_config=OmegaConf.to_container(cfg, resolve=True),
-                       run_choices=run_summary(cfg)["choices"])
+    return build_model(cfg, run_config=OmegaConf.to_container(cfg, resolve=True), run_choices=choices)
 
 
 def _resume_from(cfg: DictConfig, output_dir: Path, resume: str) -> Path | None:
@@ -280,7 +279,7 @@ def build_run(
     builds them (scripts/benchmark_fit.py times exactly these)."""
     datamodule = datamodule if datamodule is not None else build(cfg.data)
     summary = run_summary(cfg)
-    model = model if model is not None else build_run_model(cfg)
+    model = model if model is not None else build_run_model(cfg, summary["choices"])
     datamodule.load_splits()  # missing or corrupt data fails here, before any run output
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -311,7 +310,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     summary = run_summary(cfg)
     check_temperature_settings(summary["overrides"])
     datamodule = build(cfg.data)  # config errors of data and model first, before reading anything
-    model = build_run_model(cfg)
+    model = build_run_model(cfg, summary["choices"])
     ckpt_path = _resume_from(cfg, output_dir, resume)
     resumed_step = 0
     if ckpt_path is not None:  # fails here, with the setting that differs, before any run output

@@ -191,8 +191,8 @@ def study(cfg: DictConfig) -> list[dict]:
             model, x, estimator, cfg.num_estimates, reference=reference, name=name,
             chunk_size=cfg.chunk_size, timing_repeats=cfg.timing_repeats,
         )
-        tau = getattr(estimator, "tau", None)
-        rows.append({**report.row(), "tau": "-" if tau is None else f"{float(tau):g}"})
+        tau = f"{float(estimator.tau):g}" if estimator.has_temperature else "-"
+        rows.append({**report.row(), "tau": tau})
         print(f"{name}: {report}")
 
     header = [

@@ -15,6 +15,7 @@ when the caller names that package (`trusted_modules`, e.g. evaluate.py's truste
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae.checkpoints import read_checkpoint
-from discrete_vae.errors import DataError, find_user_error
+from discrete_vae.errors import ConfigError, DataError, find_user_error
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.module import VAEModule
@@ -39,9 +40,25 @@ def build(node: Any, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         user_error = find_user_error(err)
-        if user_error is None:
+        if user_error is not None:
+            raise user_error from None
+        unknown = _unknown_argument(err)
+        if unknown is None:
             raise
-        raise user_error from None
+        key = node._key() if isinstance(node, DictConfig) else None
+        where = str(key) if key else "the config"
+        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+        raise ConfigError(
+            f"{where}.{unknown} is not a setting of {target}; remove it (a key left over from "
+            f"another {where} choice?) or see conf/{where}/ for the settings it takes"
+        ) from None
+
+
+def _unknown_argument(err: BaseException) -> str | None:
+    """The keyword a constructor refused ("got an unexpected keyword argument 'x'"), if that is the error."""
+    cause = err.__cause__
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+    return match.group(1) if match else None
 
 
 def build_vae(cfg: DictConfig) -> VAE:

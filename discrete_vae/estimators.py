@@ -23,6 +23,7 @@ as a (checkpointed) buffer for the annealing callback to set.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -69,6 +70,17 @@ class Estimator(nn.Module):
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:  # pragma: no cover
         raise NotImplementedError
+
+
+def as_categories(logits: Tensor, cost: CostFn, latent: Latent) -> tuple[Tensor, CostFn]:
+    """The problem seen as N categorical latents of K categories (`Latent.categorical_view`): logits
+    (B, N, K) and the cost of a one-hot z. For categorical latents it is the problem itself; a bit
+    is two categories with logits (0, phi), so an estimator written on categories gets its binary
+    form, K = 2, by calling this first (Liu et al. 2023 and Fan et al. 2022 treat a bit so)."""
+    return latent.categorical_view(logits), lambda z: cost(latent.from_categorical(z))
+
+
+CATEGORIES = ("categorical", "bernoulli")  # `latent_types` of an estimator that calls `as_categories`
 
 
 class TemperatureEstimator(Estimator):
@@ -200,16 +212,19 @@ class StraightThrough(TemperatureEstimator):
 
 
 class GumbelRao(TemperatureEstimator):
-    """Gumbel-Rao Monte Carlo (Paulus, Maddison & Krause 2021, Sec. 3): forward the hard
-    D = onehot(argmax(logits + g)); backward through
+    """Gumbel-Rao Monte Carlo (Paulus, Maddison & Krause 2021, Sec. 3): forward the hard sample
+    D = harden(logits + g); backward through
 
-        1/M sum_j softmax((logits + e_j) / tau),   e_j ~ p(g | argmax(logits + g) = D),
+        1/M sum_j relax((logits + e_j) / tau),   e_j ~ p(g | harden(logits + g) = D),
 
-    the Rao-Blackwellisation of straight-through Gumbel-Softmax over the noise given D.
-    The noise has no gradient (sampling.conditional_gumbel); the decoder is evaluated once,
-    at D. With M = 1 its expectation equals ST-Gumbel's; its variance is never larger
-    (Paulus et al. 2021, Prop. 1).
+    the Rao-Blackwellisation of straight-through Gumbel-Softmax over the noise given D. On categories
+    relax = softmax and e_j is the Gumbel noise given the argmax; on bits relax = sigmoid and e_j
+    the logistic noise given the bit (the latent type's `conditional_perturb`). The noise has no
+    gradient; the decoder is evaluated once, at D. With M = 1 its expectation equals ST-Gumbel's;
+    its variance is never larger (Paulus et al. 2021, Prop. 1).
     """
+
+    latent_types = CATEGORIES
 
     def __init__(self, tau: float = 1.0, num_mc: int = 10, tau_min: float | None = None):
         super().__init__(tau, tau_min)
@@ -217,9 +232,10 @@ class GumbelRao(TemperatureEstimator):
         self.num_mc = int(num_mc)
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        hard = sampling.gumbel_max(logits)  # (B, N, K)
-        noise = sampling.conditional_gumbel(logits, hard, (self.num_mc,))  # (M, B, N, K)
-        soft = torch.softmax((logits + noise) / self.tau, dim=-1).mean(0)  # (B, N, K)
+        hard = latent.harden(latent.perturb(logits.detach()))  # (B, *param_shape)
+        with torch.no_grad():
+            noise = latent.conditional_perturb(logits, hard, (self.num_mc,)) - logits  # (M, B, *param_shape)
+        soft = latent.soften(logits + noise, self.tau).mean(0)  # (B, *param_shape)
         f = cost(sampling.straight_through(hard, soft))
         return EstimatorOutput(f, f)
 
@@ -238,10 +254,13 @@ class ReinMax(TemperatureEstimator):
     that the annealing callback respects (pass tau_min=None to anneal ReinMax).
     """
 
+    latent_types = CATEGORIES  # on bits: two categories each (`as_categories`)
+
     def __init__(self, tau: float = 1.3, tau_min: float | None = 1.3):
         super().__init__(tau, tau_min)
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        logits, cost = as_categories(logits, cost, latent)
         p0 = torch.softmax(logits, dim=-1)  # (B, N, K)
         hard = sampling.gumbel_max(logits)
         p1 = 0.5 * (hard + torch.softmax(logits / self.tau, dim=-1))
@@ -267,11 +286,14 @@ class GappedStraightThrough(TemperatureEstimator):
     evaluation, no noise in the backward pass.
     """
 
+    latent_types = CATEGORIES  # on bits: two categories each (`as_categories`)
+
     def __init__(self, tau: float = 1.0, gap: float = 1.0, tau_min: float | None = None):
         super().__init__(tau, tau_min)
         self.gap = float(require_number("estimator.gap", gap, low=0.0, hint="the paper's kappa, 1.0"))
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        logits, cost = as_categories(logits, cost, latent)
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         with torch.no_grad():
             top = logits.amax(-1, keepdim=True)  # (B, N, 1)
@@ -293,10 +315,13 @@ class ZGR(Estimator):
 
     No temperature, one decoder evaluation. For two categories it equals DARN(1/2), the DARN
     estimator with its expansion point at 1/2 (Shekhovtsov 2023; the authors' `ZGR_binary`), not
-    half of DARN: at K = 2, p = 0.3 (tests/test_gst_zgr_indecater.py).
+    half of DARN: at K = 2, p = 0.3 (tests/test_gst_zgr_indecater.py). On bits it is that K = 2 form.
     """
 
+    latent_types = CATEGORIES  # on bits: two categories each (`as_categories`)
+
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        logits, cost = as_categories(logits, cost, latent)
         hard = sampling.gumbel_max(logits)  # (B, N, K)
         log_p = torch.log_softmax(logits, dim=-1)
         p = log_p.exp()  # (B, N, K)
@@ -323,7 +348,12 @@ class IndeCateR(Estimator):
     S (N (K - 1) + 1) decoder evaluations per example: 181 on the 20x10 model. The changes are
     evaluated without a graph, `chunk_size` configurations (each for the whole batch) per
     decoder call, so memory stays bounded by one chunk.
+
+    On bits (K = 2, `as_categories`) each change flips one bit: S (N + 1) evaluations, and the
+    estimate is sum_n grad sigmoid(phi_n) 1/S sum_s (f(z_s^{n<-1}) - f(z_s^{n<-0})).
     """
+
+    latent_types = CATEGORIES
 
     def __init__(self, num_samples: int = 1, chunk_size: int = 100):
         super().__init__()
@@ -331,11 +361,11 @@ class IndeCateR(Estimator):
         self.chunk_size = int(require_number("estimator.chunk_size", chunk_size, positive=True, integer=True))
 
     def decoder_evaluations(self, latent: Latent) -> int:
-        N, K = latent.param_shape
+        N, K = latent.categorical_shape
         return self.num_samples * (N * (K - 1) + 1)
 
     def decoder_rows(self, latent: Latent) -> int:
-        N, K = latent.param_shape
+        N, K = latent.categorical_shape
         changes = self.num_samples * N * (K - 1)
         return max(self.num_samples, min(self.chunk_size, changes))
 
@@ -354,6 +384,7 @@ class IndeCateR(Estimator):
         return fbar.mean(0)  # (B, N, K)
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        logits, cost = as_categories(logits, cost, latent)
         z = sampling.gumbel_max(logits, (self.num_samples,))  # (S, B, N, K)
         f = cost(z)  # (S, B), decoder gradient
         fbar = self.changed_costs(z, f, cost)  # (B, N, K), no graph
@@ -464,3 +495,117 @@ class DisARM(_Antithetic):
 
     def weights(self, logits: Tensor, b: Tensor, b_tilde: Tensor, u: Tensor) -> Tensor:
         return 0.5 * (b != b_tilde).to(logits.dtype) * (1.0 - 2.0 * b_tilde) * torch.sigmoid(logits.abs())
+
+
+class REBAR(Estimator):
+    """REBAR (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein 2017, Eq. 5 / Sec. 3): the score
+    function with a relaxed, reparameterised control variate. With z = logits + noise
+    (`Latent.perturb`: Gumbel for categories, logistic for bits), b = harden(z), z~ ~ p(z | b)
+    (`conditional_perturb`) and the control variate c(z) = eta f(sigma_lambda(z)),
+    sigma_lambda = `soften` at temperature lambda,
+
+        grad = [f(b) - c(z~)] grad log q(b|x) + grad c(z) - grad c(z~),
+
+    unbiased for every eta and lambda (E[grad c(z)] = E[c(z~) grad log q(b)] + E[grad c(z~)]).
+
+    eta and log lambda are parameters trained, while the model trains, to minimise the variance
+    of the estimate by its gradient (Tucker et al. 2017, Sec. 3.3; Grathwohl et al. 2018, Eq. 6):
+    d Var / d theta = d E[g^2] / d theta, through the estimate itself (a double backward). Here g is
+    the estimate for the encoder's logits, per example, the sum of its squares averaged over the
+    batch (V): the batch's gradient for the encoder's weights is a fixed linear map of it. theta
+    descends log V, whose gradient is d V / d theta divided by the batch's V: the same direction,
+    with a size that does not grow with the cost's scale (V is of order 1e4 to 1e6 at the start
+    of training), so it never dominates a gradient-norm clip of the model. The variance gradient
+    is injected into the loss (`_inject`), so one backward trains the model
+    (by g) and theta (by the variance) with the one optimizer; theta and its optimizer state
+    checkpoint with the model. Only in training mode with gradients on; elsewhere theta is fixed.
+
+    The decoder gets the gradient of f(b) alone; the reported value is f(b). Three decoder
+    evaluations per example: b, sigma(z), sigma(z~) (in one call).
+    """
+
+    latent_types = ("categorical", "bernoulli")
+
+    def __init__(self, tau: float = 0.5, scale: float = 1.0, learn: bool = True):
+        super().__init__()
+        require_number("estimator.tau", tau, positive=True, hint="the initial relaxation temperature, e.g. 0.5")
+        require_number("estimator.scale", scale, hint="the initial control-variate scale eta, e.g. 1.0")
+        if not isinstance(learn, bool):
+            raise ConfigError(f"estimator.learn must be true or false, got {learn!r}")
+        self.log_tau = nn.Parameter(torch.tensor(math.log(float(tau))), requires_grad=learn)
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn)
+
+    def decoder_evaluations(self, latent: Latent) -> int:
+        return 3
+
+    def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:
+        """c(z) = eta f(sigma_lambda(z)).  # f_soft (B,) -> (B,)"""
+        return self.scale * f_soft
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        train_theta = self.training and any(p.requires_grad for p in self.parameters())
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation: the value alone
+            f = cost(latent.sample(logits))
+            return EstimatorOutput(f, f)
+        z = latent.perturb(logits)  # (B, *param_shape), reparameterised
+        b = latent.harden(z)
+        z_tilde = latent.conditional_perturb(logits, b)  # (B, *param_shape), reparameterised given b
+        tau = self.log_tau.exp()
+        f_b, f_z, f_zt = cost(torch.stack([b, latent.soften(z, tau), latent.soften(z_tilde, tau)]))  # (B,) each
+        context = logits.detach()
+        c_z, c_zt = self.control(f_z, z, context), self.control(f_zt, z_tilde, context)  # (B,) each
+        (score,) = torch.autograd.grad(latent.log_prob(logits, b).sum(), logits, retain_graph=True)
+        (grad_c,) = torch.autograd.grad((c_z - c_zt).sum(), logits, retain_graph=True, create_graph=train_theta)
+        signal = (f_b.detach() - c_zt).reshape(-1, *[1] * (logits.dim() - 1))  # (B, 1, ...)
+        estimate = signal * score + grad_c  # (B, *param_shape), the estimate for the logits
+        dims = tuple(range(1, logits.dim()))
+        surrogate = (logits * estimate.detach()).sum(dims)  # (B,): its gradient is the estimate
+        loss = f_b + (surrogate - surrogate.detach())
+        if train_theta:
+            variance = estimate.pow(2).sum(dims).mean()  # V = E||g||^2 per example
+            loss = loss + self._inject(torch.log(variance.clamp_min(torch.finfo(variance.dtype).tiny)))
+        return EstimatorOutput(loss, f_b)
+
+    def _inject(self, objective: Tensor) -> Tensor:
+        """A term worth zero whose gradient is d objective / d theta for this estimator's parameters and
+        nothing for any other tensor (the model's gradient stays the estimate's)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+        term = sum((p * g.detach()).sum() for p, g in zip(params, grads) if g is not None)
+        return term - term.detach() if torch.is_tensor(term) else objective.new_zeros(())
+
+
+class RELAX(REBAR):
+    """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud 2018, Eq. 6 and Alg. 2 for discrete b): REBAR's
+    estimator with the control variate made free-form,
+
+        c(z) = eta [f(sigma_lambda(z)) + r_rho(x, z)],
+
+    r_rho a small network (one hidden layer of `hidden` LeakyReLU(0.3) units, as the DisARM authors'
+    RELAX: 137 units). It sees z and the encoder's logits for x (standing in for x, detached: a
+    fixed function of x at this step, so the estimate stays unbiased). rho, eta and lambda are all
+    trained by the variance gradient, as REBAR's (Grathwohl et al. 2018, Sec. 3.3). The network is
+    built at start-up (`check`), when the latent type's size is known.
+    """
+
+    def __init__(self, tau: float = 0.5, scale: float = 1.0, hidden: int = 137, learn: bool = True):
+        super().__init__(tau, scale, learn)
+        self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True))
+        self.net: nn.Module | None = None
+
+    def check(self, latent: Latent) -> None:
+        super().check(latent)
+        width = 2 * math.prod(latent.param_shape)  # [logits, z]
+        if self.net is None or self.net[0].in_features != width:
+            self.net = nn.Sequential(nn.Linear(width, self.hidden), nn.LeakyReLU(0.3), nn.Linear(self.hidden, 1))
+            self.net.requires_grad_(self.scale.requires_grad)
+
+    def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:
+        """c(z) = eta [f(sigma_lambda(z)) + r_rho(logits, z)].  # (B,)"""
+        features = torch.cat([context.flatten(1), z.flatten(1)], dim=-1).to(self.net[0].weight.dtype)
+        return self.scale * (f_soft + self.net(features).squeeze(-1))
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        if self.net is None:
+            self.check(latent)
+        return super().forward(logits, cost, latent)

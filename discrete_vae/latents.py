@@ -10,7 +10,13 @@ conf/latent/); it owns
 - `num_configs` / `enumerate`: every z in a fixed order, for exact enumeration;
 - `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width;
 - `relaxed_sample` / `straight_through_sample`: its continuous relaxation and its straight-through
-  sample, for the relaxed estimators (Gumbel-Softmax on categories, the binary Concrete on bits).
+  sample, for the relaxed estimators (Gumbel-Softmax on categories, the binary Concrete on bits);
+- `perturb` / `harden` / `conditional_perturb` / `soften`: the reparameterised noisy logits z
+  whose argmax or sign is the sample, z given the sample, and the relaxation of z (REBAR, RELAX,
+  Gumbel-Rao);
+- `categorical_view` / `from_categorical` / `categorical_shape`: the latents as categorical
+  variables (a bit is two categories), for the estimators written on categories (ReinMax, GST,
+  ZGR, IndeCateR).
 
 Capabilities are declared as class attributes, as torch.distributions does (`has_rsample`):
 `name` is what an estimator lists in its `latent_types` to say it supports this type.
@@ -85,6 +91,36 @@ class Latent(nn.Module):
         """Forward an exact sample, backward through the noise-free relaxation at temperature tau."""
         raise NotImplementedError
 
+    def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
+        """Reparameterised noisy logits z (logits + noise, differentiable in logits) whose `harden` is an
+        exact sample of q(z|x).  # (*S, B, *param_shape)"""
+        raise NotImplementedError
+
+    def harden(self, z: Tensor) -> Tensor:  # pragma: no cover
+        """The sample that noisy logits z stand for (argmax or sign), no gradient."""
+        raise NotImplementedError
+
+    def conditional_perturb(self, logits: Tensor, hard: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
+        """Noisy logits drawn given `harden(z) = hard`, reparameterised (REBAR's z~).  # (*S, B, *param_shape)"""
+        raise NotImplementedError
+
+    def soften(self, z: Tensor, tau) -> Tensor:  # pragma: no cover
+        """The relaxation of noisy logits at temperature tau, what the decoder receives in place of a sample."""
+        raise NotImplementedError
+
+    @property
+    def categorical_shape(self) -> tuple[int, int]:  # pragma: no cover
+        """(N, K) of `categorical_view`."""
+        raise NotImplementedError
+
+    def categorical_view(self, logits: Tensor) -> Tensor:  # pragma: no cover
+        """The latents' logits as N categorical variables of K categories.  # (..., *param_shape) -> (..., N, K)"""
+        raise NotImplementedError
+
+    def from_categorical(self, one_hot: Tensor) -> Tensor:  # pragma: no cover
+        """A one-hot sample of `categorical_view` as this type's z, gradients passed through.  # (..., N, K) -> (..., *param_shape)"""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return f"{self.name} {self.param_shape}"
 
@@ -137,6 +173,28 @@ class Categorical(Latent):
 
     def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
         return sampling.categorical_straight_through(logits, tau)
+
+    def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.gumbel_scores(logits, sample_shape, generator)  # logits + Gumbel
+
+    def harden(self, z: Tensor) -> Tensor:
+        return sampling.one_hot_argmax(z.detach())
+
+    def conditional_perturb(self, logits: Tensor, hard: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.conditional_gumbel_scores(logits, hard, sample_shape, generator)
+
+    def soften(self, z: Tensor, tau) -> Tensor:
+        return torch.softmax(z / tau, dim=-1)  # Jang et al. 2017, Eq. 1
+
+    @property
+    def categorical_shape(self) -> tuple[int, int]:
+        return self.param_shape
+
+    def categorical_view(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def from_categorical(self, one_hot: Tensor) -> Tensor:
+        return one_hot
 
     def describe(self) -> str:
         return f"N={self.num_latents} categorical latents of K={self.num_categories}"
@@ -202,6 +260,29 @@ class Bernoulli(Latent):
 
     def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
         return sampling.bernoulli_straight_through(logits, tau)
+
+    def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.logistic_scores(logits, sample_shape, generator)  # phi + logistic
+
+    def harden(self, z: Tensor) -> Tensor:
+        return (z.detach() > 0).to(z.dtype)
+
+    def conditional_perturb(self, logits: Tensor, hard: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
+        return sampling.conditional_logistic_scores(logits, hard, sample_shape, generator)
+
+    def soften(self, z: Tensor, tau) -> Tensor:
+        return torch.sigmoid(z / tau)  # the binary Concrete, Maddison et al. 2017, Sec. 3.3
+
+    @property
+    def categorical_shape(self) -> tuple[int, int]:
+        return (self.num_latents, 2)
+
+    def categorical_view(self, logits: Tensor) -> Tensor:
+        """Bit n as two categories {0, 1} with logits (0, phi_n): softmax gives (1 - sigmoid(phi), sigmoid(phi))."""
+        return torch.stack([torch.zeros_like(logits), logits], dim=-1)  # (..., N, 2)
+
+    def from_categorical(self, one_hot: Tensor) -> Tensor:
+        return one_hot[..., 1]  # (..., N): the bit, and the gradient of its "1" category
 
     def describe(self) -> str:
         return f"N={self.num_latents} Bernoulli latents ({self.prior} prior)"

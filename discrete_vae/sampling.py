@@ -121,24 +121,24 @@ def categorical_straight_through(
     return straight_through(hard, torch.softmax(logits / tau, dim=-1))
 
 
-@torch.no_grad()
-def conditional_gumbel(
+def conditional_gumbel_scores(
     logits: torch.Tensor, hard: torch.Tensor, sample_shape: Size = (), generator=None
 ) -> torch.Tensor:
-    """Gumbel noise e ~ p(g | argmax(logits + g) = D), the draw Gumbel-Rao needs
-    (Paulus et al. 2021, Sec. 3 and App. A; construction of ../shared/seeds/000, "Gumbel-Max Trick Inference").
+    """Perturbed logits z = logits + g drawn given argmax(z) = D, reparameterised: differentiable in
+    `logits` for fixed uniforms (REBAR's z~, Tucker et al. 2017, App. C; Paulus et al. 2021, App. A;
+    construction of ../shared/seeds/000, "Gumbel-Max Trick Inference").
 
     With a = softmax(logits), uniforms v and winner k (D = onehot(k)):
-        u_k = v_k ** a_k,   u_j = v_k ** a_j * v_j  (j != k),   e = -log(-log u).
+        u_k = v_k ** a_k,   u_j = v_k ** a_j * v_j  (j != k),   g = -log(-log u).
     In log space, with exponentials E = -log v:
         -log u_k = a_k E_k, -log u_j = a_j E_k + E_j, so the perturbed scores are
-        z_k = logits_k + e_k = lse(logits) - log E_k                       (the winner)
+        z_k = lse(logits) - log E_k                                       (the winner)
         z_j = z_k - softplus(log E_j - log a_j - log E_k) < z_k            (the others)
-    which has no cancellation even for a_k = 1e-30. Returned: e = z - logits, (*S, ..., K).
+    which has no cancellation even for a_k = 1e-30.
 
     Floating point: the gap z_k - z_j is kept at least a few ulps of the operands, so that
-    argmax(logits + e) == D holds exactly after rounding; this moves probability mass of
-    order 1e-7 and nothing else. No gradient: the noise is a constant for autograd.
+    argmax(z) == D holds exactly after rounding; this moves probability mass of order 1e-7
+    and nothing else.  # (*S, ..., K)
     """
     dtype, device = logits.dtype, logits.device
     shape = torch.Size(sample_shape) + logits.shape
@@ -149,9 +149,18 @@ def conditional_gumbel(
     top = torch.logsumexp(logits, dim=-1, keepdim=True) - log_E_win  # winner's score z_k
     gap = F.softplus(log_E - log_p - log_E_win)  # z_k - z_j for j != k
     eps = torch.finfo(dtype).eps
-    margin = 8 * eps * (top.abs() + logits.abs().amax(-1, keepdim=True) + 1.0)
-    scores = top - torch.where(winner.bool(), torch.zeros_like(gap), gap.clamp_min(margin))
-    return scores - logits
+    margin = 8 * eps * (top.abs() + logits.abs().amax(-1, keepdim=True) + 1.0).detach()
+    return top - torch.where(winner.bool(), torch.zeros_like(gap), gap.clamp_min(margin))
+
+
+@torch.no_grad()
+def conditional_gumbel(
+    logits: torch.Tensor, hard: torch.Tensor, sample_shape: Size = (), generator=None
+) -> torch.Tensor:
+    """Gumbel noise e ~ p(g | argmax(logits + g) = D), the draw Gumbel-Rao needs (Paulus et al.
+    2021, Sec. 3): e = `conditional_gumbel_scores` - logits, with no gradient (a constant for
+    autograd).  # (*S, ..., K)"""
+    return conditional_gumbel_scores(logits, hard, sample_shape, generator) - logits
 
 
 def enumerate_one_hot(
@@ -305,3 +314,35 @@ def bernoulli_straight_through(
     """Straight-through Bernoulli sample (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4):
     forward z ~ Bernoulli(sigmoid(logits)), backward through sigmoid(logits / tau), no noise."""
     return straight_through(bernoulli(logits, sample_shape, generator), torch.sigmoid(logits / tau))
+
+
+def conditional_logistic_scores(
+    logits: torch.Tensor, bits: torch.Tensor, sample_shape: Size = (), generator=None
+) -> torch.Tensor:
+    """Perturbed logits z = phi + L, L standard logistic, drawn given the bit b = 1[z > 0],
+    reparameterised: differentiable in `logits` for a fixed uniform v (the binary z~ of REBAR,
+    Tucker et al. 2017, Sec. 3 and App. C; the conditional noise of Gumbel-Rao on bits).
+
+    z > 0 iff u > 1 - p for z = phi + logit(u), p = sigmoid(phi); so given b = 1, u = 1 - v p and
+    given b = 0, u = v (1 - p). In log space, with s = 2b - 1 (p_s = sigmoid(s phi)):
+        z = s (softplus(s phi) - log v + log1p(-v p_s)),
+    finite for every clamped v; s z is kept positive (a few ulps at v -> 1), so 1[z > 0] == b
+    holds exactly.  # (*S, ..., N)"""
+    shape = torch.Size(sample_shape) + logits.shape
+    v = uniform(shape, device=logits.device, dtype=logits.dtype, generator=generator)
+    sign = 2.0 * bits.to(logits.dtype) - 1.0  # (..., N) +1 or -1
+    signed = sign * logits
+    magnitude = F.softplus(signed) - torch.log(v) + torch.log1p(-v * torch.sigmoid(signed))
+    return sign * magnitude.clamp_min(torch.finfo(logits.dtype).tiny)
+
+
+def logistic_scores(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> torch.Tensor:
+    """Perturbed logits z = phi + L, L standard logistic, reparameterised: 1[z > 0] ~ Bernoulli(sigmoid(phi))
+    (the binary analogue of logits + Gumbel; Maddison et al. 2017, Sec. 3.3).  # (*S, ..., N)"""
+    return logits + _logistic_like(logits, sample_shape, generator)
+
+
+def gumbel_scores(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> torch.Tensor:
+    """Perturbed logits z = logits + g, g ~ Gumbel(0, 1), reparameterised: argmax(z) ~ Cat(softmax(logits))
+    (Gumbel-max; Jang et al. 2017, Sec. 2).  # (*S, ..., K)"""
+    return logits + _gumbel_like(logits, sample_shape, generator)

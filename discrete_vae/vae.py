@@ -46,7 +46,8 @@ class VAE(nn.Module):
         input_dim: int = 784,
         hidden_dims: Sequence[int] = (512, 256),
         activation: str = "ReLU",
-        output_bias_init: str = "default",  # conf/model sets data_mean: on for every configured run
+        output_bias_init: str = "default",
+        activation_args: dict | None = None,  # keyword arguments of the activation, e.g. {negative_slope: 0.3}  # conf/model sets data_mean: on for every configured run
     ):
         super().__init__()
         if output_bias_init not in OUTPUT_BIAS_INITS:
@@ -65,8 +66,10 @@ class VAE(nn.Module):
                               f"hidden {list(hidden_dims)}), over {MAX_WEIGHTS:.0e}; shrink the latent space or the layers")
         self.latent = latent
         self.input_dim = int(input_dim)
-        self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation)
-        self.decoder = Decoder(input_dim, hidden_dims, latent.decoder_dim, activation)
+        if activation_args is not None and not isinstance(activation_args, dict):
+            raise ConfigError(f"model.activation_args must be a mapping such as {{negative_slope: 0.3}}, got {activation_args!r}")
+        self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation, activation_args)
+        self.decoder = Decoder(input_dim, hidden_dims, latent.decoder_dim, activation, activation_args)
         self.output_bias_init = output_bias_init
         self.output_bias_pending = output_bias_init == "data_mean"  # done once, before the first fit
 

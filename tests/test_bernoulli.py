@@ -1,8 +1,9 @@
 """Bernoulli latents (discrete_vae.latents.Bernoulli) and the estimators made for them, ARM and
-DisARM, on a tiny problem (N=3 bits, a fixed linear decoder to D=6 pixels) small enough to
-enumerate: the latent type's terms against torch.distributions and brute force, every unbiased
-estimator's mean against the exact gradient within its Monte-Carlo standard error (with a wrong
-answer rejected), and DisARM's variance against ARM's at equal decoder evaluations."""
+DisARM, and the binary forms of the others, on a tiny problem (N=3 bits, a fixed linear decoder to
+D=6 pixels) small enough to enumerate: the latent type's terms against torch.distributions and
+brute force, every unbiased estimator's mean against the exact gradient within its Monte-Carlo
+standard error (with a wrong answer rejected), DisARM's variance against ARM's at equal decoder
+evaluations, and the estimators written on categories against their K = 2 forms."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_samples_and_the_antithetic_pair_have_the_right_marginals():
     assert torch.equal(b, (u > torch.sigmoid(-logits)).float()) and torch.equal(b_tilde, (u < rate).float())
 
 
-@pytest.mark.parametrize("make", [E.ARM, E.DisARM, E.ScoreFunction, lambda: E.RLOO(4), E.Exact])
+@pytest.mark.parametrize("make", [E.ARM, E.DisARM, E.ScoreFunction, lambda: E.RLOO(4), E.Exact, E.IndeCateR])
 def test_the_unbiased_estimators_mean_is_the_exact_gradient(make):
     tiny = TinyBits()
     torch.manual_seed(0)
@@ -103,13 +104,42 @@ def test_disarm_has_less_variance_than_arm_at_equal_decoder_evaluations():
 
 
 def test_each_estimator_is_refused_by_the_latent_types_it_does_not_declare():
-    with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
-        E.DisARM().check(Categorical(2, 3))
-    for estimator in (E.GumbelRao(), E.IndeCateR(), E.ZGR(), E.ReinMax(), E.GappedStraightThrough()):
-        with pytest.raises(ConfigError, match="supports categorical latents, not bernoulli"):
-            estimator.check(Bernoulli(3))
+    for estimator in (E.ARM(), E.DisARM()):
+        with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
+            estimator.check(Categorical(2, 3))
     with pytest.raises(ConfigError, match="latent.prior='flat' is not one of uniform, learned"):
         Bernoulli(3, prior="flat")
+
+
+@pytest.mark.parametrize("make", [E.ReinMax, E.GappedStraightThrough, E.ZGR, E.IndeCateR])
+def test_the_estimators_written_on_categories_see_a_bit_as_two(make):
+    """On bits, ReinMax, GST, ZGR and IndeCateR are their K = 2 forms: with the same noise, their estimate
+    for phi is that of the categorical estimator on logits (0, phi), pushed through d(0, phi)/dphi."""
+    tiny = TinyBits()
+    logits = tiny.logits.expand(500, tiny.N).clone().requires_grad_()
+    pair = torch.stack([torch.zeros_like(logits), logits], -1)  # (B, N, 2)
+    two = Categorical(tiny.N, 2)
+    torch.manual_seed(3)
+    (on_bits,) = torch.autograd.grad(make()(logits, tiny.cost, tiny.latent).loss.sum(), logits)
+    torch.manual_seed(3)
+    (on_pairs,) = torch.autograd.grad(make()(pair, lambda z: tiny.cost(z[..., 1]), two).loss.sum(), logits)
+    torch.testing.assert_close(on_bits, on_pairs)
+    assert on_bits.abs().sum() > 0
+    assert make().decoder_evaluations(tiny.latent) == make().decoder_evaluations(two)
+
+
+def test_gumbel_rao_on_bits_conditions_on_the_bit():
+    """Gumbel-Rao on bits (Paulus et al. 2021): the logistic noise given the sampled bit. With M = 1 its
+    mean is straight-through Gumbel's (the binary Concrete's straight-through form), and with M = 10
+    its variance is smaller (their Prop. 1)."""
+    tiny = TinyBits()
+    torch.manual_seed(0)
+    st = tiny.sample_grads(E.STGumbelSoftmax(tau=0.7), 100_000)
+    rao_1 = tiny.sample_grads(E.GumbelRao(tau=0.7, num_mc=1), 100_000)
+    rao_10 = tiny.sample_grads(E.GumbelRao(tau=0.7, num_mc=10), 100_000)
+    se = (st.var(0) / len(st) + rao_1.var(0) / len(rao_1)).sqrt()
+    assert ((st.mean(0) - rao_1.mean(0)).abs() <= 5 * se).all()
+    assert rao_10.var(0).sum() < 0.9 * st.var(0).sum(), (rao_10.var(0).sum(), st.var(0).sum())
 
 
 def test_the_binary_concrete_approaches_the_exact_direction_as_tau_shrinks():

@@ -106,21 +106,22 @@ ESTIMATORS = {
     "sf": E.ScoreFunction(), "rloo": E.RLOO(4), "exact": E.Exact(), "gumbel": E.GumbelSoftmax(),
     "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
     "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
-    "arm": E.ARM(), "disarm": E.DisARM(),
+    "arm": E.ARM(), "disarm": E.DisARM(), "rebar": E.REBAR(), "relax": E.RELAX(),
 }
 
 
 def test_capabilities_are_declared_as_class_attributes():
     declared = {name: (type(e).deterministic, type(e).has_temperature, type(e).latent_types)
                 for name, e in ESTIMATORS.items()}
-    categorical, anything, both = ("categorical",), E.ANY_LATENT, ("categorical", "bernoulli")
+    anything, both = E.ANY_LATENT, ("categorical", "bernoulli")
     assert declared == {
         "sf": (False, False, anything), "rloo": (False, False, anything), "exact": (True, False, anything),
         "gumbel": (False, True, both), "st_gumbel": (False, True, both),
-        "st": (False, True, both), "gumbel_rao": (False, True, categorical),
-        "reinmax": (False, True, categorical), "gst": (False, True, categorical),
-        "zgr": (False, False, categorical), "indecater": (False, False, categorical),
+        "st": (False, True, both), "gumbel_rao": (False, True, both),
+        "reinmax": (False, True, both), "gst": (False, True, both),
+        "zgr": (False, False, both), "indecater": (False, False, both),
         "arm": (False, False, ("bernoulli",)), "disarm": (False, False, ("bernoulli",)),
+        "rebar": (False, False, both), "relax": (False, False, both),  # their temperature is learned, not annealed
     }
     assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
 
@@ -130,7 +131,7 @@ def test_decoder_evaluations_per_example_are_declared():
     evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
     assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
                            "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1,
-                           "arm": 2, "disarm": 2}
+                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3}
     # what one call of the cost may hold, per example (the diagnostics' memory bound)
     assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
     assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16
@@ -145,6 +146,6 @@ class Spins(Latent):
 
 
 def test_an_estimator_refuses_a_latent_type_it_does_not_declare():
-    with pytest.raises(ConfigError, match="supports categorical latents, not spins"):
+    with pytest.raises(ConfigError, match="supports categorical and bernoulli latents, not spins"):
         E.ZGR().check(Spins())
     E.ScoreFunction().check(Spins())  # written against the Latent interface: any type

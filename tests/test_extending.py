@@ -114,7 +114,7 @@ def test_the_new_parts_plug_in_and_the_estimators_say_what_they_support(user_par
     assert torch.allclose(q.sum(0), torch.ones(5), atol=1e-6)
     expected = (q * model.vae.cost(configs[:, None], x)).sum(0) + model.vae.kl(logits)
     assert torch.allclose(out.loss, expected.mean(), rtol=1e-5)
-    with pytest.raises(ConfigError, match="supports categorical latents, not bits"):
+    with pytest.raises(ConfigError, match="supports categorical and bernoulli latents, not bits"):
         build_model(compose_user(user_parts, ["latent=bits", "estimator=zgr"]))
 
 

@@ -18,9 +18,11 @@ from conftest import run_script
 
 QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "test_iwae_samples=5",
          "trainer.enable_progress_bar=false"]
-# 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2
+# 3 epochs of 10 steps, last.ckpt every 4 steps, metrics every 2; RELAX on 8 bits, whose own
+# parameters (temperature, scale, control network) and their Adam state must resume exactly too
 SHORT = ["trainer.max_epochs=3", "trainer.limit_train_batches=10", "trainer.log_every_n_steps=2",
-         "callbacks.latest.every_n_train_steps=4", "seed=3", *QUICK]
+         "callbacks.latest.every_n_train_steps=4", "seed=3", "estimator=relax", "latent=bernoulli",
+         "latent.num_latents=8", *QUICK]
 
 
 def train(args, data_root, tmp_path, check=True, script="train.py"):
@@ -77,6 +79,8 @@ def test_kill_and_resume_is_bit_identical(straight, data_root, tmp_path):
 
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
+    assert {"estimator.log_tau", "estimator.scale", "estimator.net.0.weight"} <= a.keys()
+    assert not torch.equal(a["estimator.log_tau"], torch.log(torch.tensor(0.5))), "RELAX's temperature trained"
     assert checkpoint_names(broken) == checkpoint_names(straight), "a checkpoint of a killed process is left over, or a -v1 name"
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30

@@ -112,21 +112,22 @@ def test_gumbel_rao_variance_is_at_most_st_gumbel_and_falls_with_num_mc(tiny):
 
 def test_gumbel_rao_forward_is_the_hard_sample_and_noise_has_no_gradient(tiny, monkeypatch):
     seen = []
-    real = sampling.conditional_gumbel
+    real = sampling.conditional_gumbel_scores  # what the categorical latent's conditional_perturb draws
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(sampling, "conditional_gumbel", spy)
+    monkeypatch.setattr(sampling, "conditional_gumbel_scores", spy)
     torch.manual_seed(3)
     logits = tiny.logits.expand(100, -1, -1).clone().requires_grad_()
     z_seen = []
     E.GumbelRao(tau=0.5, num_mc=7)(logits, lambda z: z_seen.append(z) or tiny.cost(z), tiny.latent)
     (z,) = z_seen
     assert torch.equal(z, sampling.one_hot_argmax(z.detach()))  # exactly one-hot
-    (noise,) = seen
-    assert noise.shape == (7, 100, 2, 3) and not noise.requires_grad
+    (scores,) = seen
+    noise = scores - logits.detach()
+    assert noise.shape == (7, 100, 2, 3) and not scores.requires_grad
     assert torch.equal(sampling.one_hot_argmax(logits.detach() + noise), z.detach().expand(7, -1, -1, -1))
 
 

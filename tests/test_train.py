@@ -24,7 +24,7 @@ def run_train(args, data_root, check=True):
     return run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)}, check=check)
 
 
-ON_BITS = ["arm", "disarm", "exact"]  # trained on 8 Bernoulli latents: made for them, or enumerating 2^8
+ON_BITS = ["arm", "disarm", "exact", "relax"]  # on 8 Bernoulli latents: made for them, enumerating 2^8, or both types
 CATEGORICAL = [name for name in ESTIMATORS if name not in ON_BITS]
 
 
@@ -69,6 +69,10 @@ def test_every_estimator_trains_and_logs(name, trained):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["config"]["seed"] == 2 and any(k.startswith("vae.encoder.") for k in state["state_dict"])
     assert ("estimator.tau" in state["state_dict"]) == has_tau
+    if name in ("rebar", "relax"):  # learned by the variance gradient, checkpointed with their Adam state
+        assert "estimator.log_tau" in state["state_dict"] and "estimator.scale" in state["state_dict"]
+        adam = state["optimizer_states"][0]
+        assert len(adam["state"]) == len(adam["param_groups"][0]["params"]), "every parameter got a gradient"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["estimator"] == name and metrics["steps"] == 4
     assert metrics["metrics"]["val/neg_elbo"] == pytest.approx(val, rel=1e-5)

@@ -39,6 +39,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -432,26 +433,47 @@ def export(sweep_dir: Path, records_dir: Path, extra: dict | None = None) -> lis
     return written
 
 
-# -- docs/results.md -------------------------------------------------------------------------
-# Jang, Gu & Poole (2017), Table 1, row "VAE (Cat.)": negative variational lower bounds on the
-# test set with m = 1000 samples (their Sec. 4.2), in nats; so beside our m = 1000 IWAE bound.
-PAPER_TABLE1 = {"SF": 110.6, "DARN": 128.8, "MuProp": 107.0, "ST": 110.9, "Annealed ST": 107.8,
-                "Gumbel-S.": 101.5, "ST Gumbel-S.": 107.8}
-# The paper's row beside each estimator of ours that implements it (the preset anneals tau, so
-# our st is the paper's annealed ST as much as its ST).
-PAPER_ROWS = {"sf": ("SF",), "st": ("ST", "Annealed ST"), "gumbel": ("Gumbel-S.",), "st_gumbel": ("ST Gumbel-S.",)}
+# -- docs/results.md ---------------------------------------------------------------------------
+class Paper(NamedTuple):
+    """A published table beside one of our experiments: its column title, its numbers (nats), and
+    the paper's rows beside each estimator of ours that implements them."""
+
+    column: str
+    numbers: dict[str, float]
+    rows: dict[str, tuple[str, ...]]
 
 
-def _paper(estimator: str) -> str:
-    names = PAPER_ROWS.get(estimator, ())
-    return "; ".join(f"{PAPER_TABLE1[n]:.1f} ({n})" for n in names) or "—"
+# Jang, Gu & Poole (2017), Table 1: negative variational lower bounds on the test set with m = 1000
+# samples (their Sec. 4.2), rows "VAE (Cat.)" and "VAE (Bern.)"; so beside our m = 1000 IWAE bound.
+# The preset anneals tau, so our st is the paper's annealed ST as much as its ST.
+JANG_ROWS = {"sf": ("SF",), "st": ("ST", "Annealed ST"), "gumbel": ("Gumbel-S.",), "st_gumbel": ("ST Gumbel-S.",)}
+# Yin & Zhou (2019), Table 2, static MNIST, test -log p(x) over 5 seeds. Our sf (an EMA baseline) sits
+# between their REINFORCE and NVIL (input-dependent baselines); Concrete is our gumbel on bits.
+ARM_ROWS = {"arm": ("ARM",), "rebar": ("REBAR",), "gumbel": ("Concrete",), "sf": ("REINFORCE", "NVIL")}
+PAPERS = {
+    "jang2017": Paper("paper, Table 1", {"SF": 110.6, "DARN": 128.8, "MuProp": 107.0, "ST": 110.9,
+                                         "Annealed ST": 107.8, "Gumbel-S.": 101.5, "ST Gumbel-S.": 107.8}, JANG_ROWS),
+    "jang2017_bernoulli": Paper("paper, Table 1 (Bern.)", {"SF": 112.2, "DARN": 110.9, "MuProp": 109.7, "ST": 116.0,
+                                                          "Annealed ST": 111.5, "Gumbel-S.": 105.0,
+                                                          "ST Gumbel-S.": 111.5}, JANG_ROWS),
+    "arm2019_linear": Paper("ARM, Table 2", {"ARM": 107.2, "REBAR": 107.7, "Concrete": 107.3, "NVIL": 113.1,
+                                             "REINFORCE": 164.0}, ARM_ROWS),
+    "arm2019_nonlinear": Paper("ARM, Table 2", {"ARM": 98.4, "REBAR": 101.4, "Concrete": 99.6, "NVIL": 102.2,
+                                                "REINFORCE": 114.6}, ARM_ROWS),
+}
+
+def _paper(estimator: str, experiment: str = "jang2017") -> str:
+    paper = PAPERS.get(experiment)
+    names = paper.rows.get(estimator, ()) if paper else ()
+    return "; ".join(f"{paper.numbers[n]:.1f} ({n})" for n in names) or "—"
 
 
-def results_table(runs: list[Run], rows: list[dict], paper: bool, exact: bool) -> list[str]:
-    """One markdown row per configuration: the bounds over seeds (mean ± s.d.), n, budget, time."""
+def results_table(runs: list[Run], rows: list[dict], paper: str | None, exact: bool) -> list[str]:
+    """One markdown row per configuration: the bounds over seeds (mean ± s.d.), n, budget, time;
+    `paper` names the experiment of PAPERS whose numbers go beside them."""
     head = ["estimator", "seeds", "test −ELBO", "test bound (IWAE)", "m"]
     if paper:
-        head.append("paper, Table 1")
+        head.append(PAPERS[paper].column)
     if exact:
         head.append("test NLL (exact)")
     head += ["best val −ELBO", "steps", "min/run"]
@@ -468,7 +490,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: bool, exact: bool) -
                  fmt(*mean_std(iwae)) + (f" (n={len(iwae)})" if len(iwae) != len(done) else ""),
                  ",".join(map(str, ms)) or "—"]  # fmt: skip
         if paper:
-            cells.append(_paper(row["estimator"]))
+            cells.append(_paper(row["estimator"], paper))
         if exact:
             cells.append(fmt(*mean_std([v for r in done if (v := r.metric("eval/nll_exact")) is not None])))
         cells += [fmt(row["val/neg_elbo_mean"], row["val/neg_elbo_std"]), fmt(row["steps_mean"], digits=0),
@@ -546,7 +568,7 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
     """Rebuild the generated parts of each markdown file (the blocks between <!-- report:NAME -->
     and <!-- /report:NAME -->) and the plots beside the records, from records_root/<experiment>/.
 
-    Blocks: <experiment>-table (with the paper's numbers for jang2017, nll_exact where the
+    Blocks: <experiment>-table (with the paper's numbers for the experiments of PAPERS, nll_exact where the
     records have it), <experiment>-provenance, and summary (one row per estimator, its headline
     number on each experiment: exact NLL, else the evaluated IWAE bound, else test −ELBO).
     Plots: records_root/<experiment>_val_neg_elbo.png and <experiment>_test_nll.png. Text
@@ -561,7 +583,8 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         name_configs(runs)
         rows = summarise(runs)
         exact = any(r.metric("eval/nll_exact") is not None for r in runs)
-        blocks[f"{folder.name}-table"] = results_table(runs, rows, paper=folder.name == "jang2017", exact=exact)
+        paper = folder.name if folder.name in PAPERS else None
+        blocks[f"{folder.name}-table"] = results_table(runs, rows, paper=paper, exact=exact)
         blocks[f"{folder.name}-provenance"] = provenance(runs)
         plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)
         plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)

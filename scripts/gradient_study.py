@@ -95,6 +95,20 @@ def warm_baseline(model: VAE, x: torch.Tensor, estimator: ScoreFunction) -> None
     estimator.eval()
 
 
+def warm_control_variate(model: VAE, x: torch.Tensor, estimator, steps: int, lr: float = 1e-2) -> None:
+    """`steps` Adam steps of the estimator's own parameters (REBAR's temperature and scale, RELAX's
+    network too) on their variance gradient at this batch, the model fixed: as they would stand after
+    training alongside it, rather than at their initial values."""
+    params = [p for p in estimator.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    estimator.train()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        model.objective(x, estimator).loss.backward(inputs=params)  # the model's gradients are not wanted
+        optimizer.step()
+    estimator.eval()
+
+
 def seed_for(cfg: DictConfig, name: str) -> int:
     """A seed per estimator name: results do not depend on the order of the list, and no
     estimator shares its random stream with the reference."""
@@ -160,6 +174,7 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.chunk_size is not None:
         require_number("chunk_size", cfg.chunk_size, positive=True, integer=True, hint="or null")
     require_bool("warm_baseline", cfg.warm_baseline)
+    require_number("warm_control_variate", cfg.warm_control_variate, integer=True, low=0, hint="Adam steps, 0 for none")
     require_number("reference.max_configs", cfg.reference.max_configs, positive=True, integer=True)
     require_number("reference.num_estimates", cfg.reference.num_estimates, integer=True, low=2)
     require_number("reference.num_samples", cfg.reference.num_samples, integer=True, low=2)
@@ -187,6 +202,8 @@ def study(cfg: DictConfig) -> list[dict]:
         torch.manual_seed(seed_for(cfg, name))
         if isinstance(estimator, ScoreFunction) and cfg.warm_baseline:
             warm_baseline(model, x, estimator)
+        if cfg.warm_control_variate and any(p.requires_grad for p in estimator.parameters()):
+            warm_control_variate(model, x, estimator, int(cfg.warm_control_variate))
         report = diagnostics.gradient_diagnostics(
             model, x, estimator, cfg.num_estimates, reference=reference, name=name,
             chunk_size=cfg.chunk_size, timing_repeats=cfg.timing_repeats,
@@ -201,7 +218,9 @@ def study(cfg: DictConfig) -> list[dict]:
         f"gradient of the training loss w.r.t. the encoder parameters",
         f"reference: {reference.describe()}",
         f"temperature: {'each estimator its own tau' if cfg.temperature is None else f'tau = {cfg.temperature} for all (none below its floor tau_min)'}"
-        + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else ""),
+        + ("; sf baseline: the batch-mean cost" if cfg.warm_baseline else "")
+        + (f"; rebar and relax: their parameters after {cfg.warm_control_variate} Adam steps (lr 1e-2) of the "
+           f"variance gradient on the batch" if cfg.warm_control_variate else ""),
         f"device: {describe_device(device)}; torch {torch.__version__}",
         *notes,
     ]

@@ -202,3 +202,16 @@ def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, t
     # the full-budget gumbel runs alone, not averaged with the short run of another learning rate
     assert "| gumbel | 107.0 ± 2.6 (−ELBO, n=3) |" in summary
     assert "| indecater | 130.0 (−ELBO, n=1, 200 steps) |" in summary
+
+
+def test_each_papers_numbers_go_beside_its_own_experiment():
+    """The Bernoulli tables get their own papers' numbers: Jang et al.'s "VAE (Bern.)" row and ARM's Table 2."""
+    from discrete_vae.report import PAPERS, _paper
+
+    assert _paper("gumbel", "jang2017") == "101.5 (Gumbel-S.)"
+    assert _paper("gumbel", "jang2017_bernoulli") == "105.0 (Gumbel-S.)"
+    assert _paper("st", "jang2017_bernoulli") == "116.0 (ST); 111.5 (Annealed ST)"
+    assert _paper("arm", "arm2019_linear") == "107.2 (ARM)" and _paper("arm", "arm2019_nonlinear") == "98.4 (ARM)"
+    assert _paper("gumbel", "arm2019_nonlinear") == "99.6 (Concrete)"
+    assert _paper("disarm", "arm2019_linear") == "—" and _paper("gumbel", "small_exact") == "—"
+    assert PAPERS["arm2019_linear"].column == "ARM, Table 2"

@@ -597,7 +597,8 @@ class RELAX(REBAR):
         super().check(latent)
         width = 2 * math.prod(latent.param_shape)  # [logits, z]
         if self.net is None or self.net[0].in_features != width:
-            self.net = nn.Sequential(nn.Linear(width, self.hidden), nn.LeakyReLU(0.3), nn.Linear(self.hidden, 1))
+            net = nn.Sequential(nn.Linear(width, self.hidden), nn.LeakyReLU(0.3), nn.Linear(self.hidden, 1))
+            self.net = net.to(self.scale.device, self.scale.dtype)  # where the estimator already is
             self.net.requires_grad_(self.scale.requires_grad)
 
     def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:

@@ -113,3 +113,14 @@ def test_learn_false_keeps_the_parameters_fixed_and_the_estimate_unbiased():
     estimator = prepared(lambda: E.RELAX(learn=False), tiny)
     assert not any(p.requires_grad for p in estimator.parameters())
     assert_mean_matches(tiny.sample_grads(estimator.train(), 40_000), tiny.exact_grad())
+
+
+def test_relaxs_network_is_built_where_the_estimator_already_is():
+    """gradient_study moves an estimator to its device before `check` builds the network."""
+    estimator = E.RELAX(hidden=5).double()
+    estimator.check(Categorical(2, 3))
+    assert estimator.net[0].weight.dtype == torch.float64 and estimator.net[0].in_features == 12
+    estimator.check(Categorical(2, 3))  # checked again (a second build of the same model): kept
+    weight = estimator.net[0].weight
+    estimator.check(Categorical(2, 3))
+    assert estimator.net[0].weight is weight

@@ -118,6 +118,7 @@ def test_evaluate_options(key, value, message):
     ("chunk_size", 0, "chunk_size must be positive"),
     ("num_threads", 0, "num_threads must be positive"),
     ("warm_baseline", "maybe", "warm_baseline must be true or false"),
+    ("warm_control_variate", -1, "warm_control_variate must be at least 0"),
     ("ckpt_path", "/nowhere.ckpt", "no checkpoint at /nowhere.ckpt"),
 ])
 def test_gradient_study_options(key, value, message):
@@ -213,3 +214,23 @@ def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
                         type("Done", (), {"returncode": 0, "stdout": "abc1234\n"})())
     assert records.source_commit() == "abc1234"
     assert seen[0][:3] == ["git", "-c", "core.fsmonitor=false"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.activation=LeakyReLU", "+model.activation_args.slope=0.3"],
+     r"model.activation_args=\{'slope': 0.3\} do not fit torch.nn.LeakyReLU"),
+    (["model.activation_args=3"], "model.activation_args must be a mapping"),
+    (["latent=bernoulli", "+latent.num_categories=3"],
+     "latent.num_categories is not a setting of discrete_vae.latents.Bernoulli; remove it"),
+    (["estimator=rebar", "estimator.learn=maybe"], "estimator.learn must be true or false"),
+    (["estimator=relax", "estimator.hidden=0"], "estimator.hidden must be positive"),
+])
+def test_model_and_estimator_settings_are_one_line(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from discrete_vae.build import build_model
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg)

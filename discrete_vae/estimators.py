@@ -6,7 +6,10 @@ to per-example costs (*S, B) (here f(z) = -log p(x|z)), and the latent type
 (discrete_vae.latents), which knows how to sample, score and enumerate z. It returns
 `EstimatorOutput(loss, value)`, both (B,):
 - `loss` is a surrogate whose gradient w.r.t. the logits is the estimate
-  (the decoder, evaluated inside `cost`, always gets ordinary gradients);
+  (the decoder, evaluated inside `cost`, always gets ordinary gradients), and whose value
+  is `value`: its surrogate terms are worth zero (x - x.detach()). So one estimator's loss
+  can be the cost that another estimator sees (a chain of stochastic layers), and the
+  logged loss is the cost;
 - `value` is the Monte-Carlo value of the cost to report.
 
 Each estimator declares what it is, as class attributes (never guessed from its class or
@@ -105,7 +108,7 @@ class ScoreFunction(Estimator):
     """REINFORCE / score function with an exponential-moving-average baseline (Williams 1992, Eq. 11;
     Mnih & Gregor 2014, Sec. 3 for the baseline):
 
-        surrogate = f(z) + stopgrad(f(z) - b) * log q(z|x),   z ~ q(z|x),
+        surrogate = f(z) + stopgrad(f(z) - b) * (log q(z|x) - stopgrad(log q(z|x))),   z ~ q(z|x),
         grad = (f(z) - b) grad log q(z|x)   (unbiased: b does not depend on z).
 
     b is the bias-corrected EMA of the batch-mean cost over past steps (0 before the first
@@ -130,7 +133,7 @@ class ScoreFunction(Estimator):
         z = latent.sample(logits)  # (B, *param_shape)
         f = cost(z)  # (B,)
         log_q = latent.log_prob(logits, z)  # (B,)
-        loss = f + (f - self.baseline()).detach() * log_q
+        loss = f + (f - self.baseline()).detach() * (log_q - log_q.detach())  # worth f: the term is zero
         if self.training:
             with torch.no_grad():
                 self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * f.mean())
@@ -167,7 +170,7 @@ class RLOO(Estimator):
         f = cost(z)  # (S, B)
         log_q = latent.log_prob(logits, z)  # (S, B)
         baseline = (f.sum(0, keepdim=True) - f) / (S - 1)  # (S, B) mean of the others
-        loss = (f + (f - baseline).detach() * log_q).mean(0)
+        loss = (f + (f - baseline).detach() * (log_q - log_q.detach())).mean(0)  # worth mean f
         return EstimatorOutput(loss, f.mean(0))
 
 

@@ -149,3 +149,22 @@ def test_an_estimator_refuses_a_latent_type_it_does_not_declare():
     with pytest.raises(ConfigError, match="supports categorical and bernoulli latents, not spins"):
         E.ZGR().check(Spins())
     E.ScoreFunction().check(Spins())  # written against the Latent interface: any type
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_the_loss_is_worth_the_value(name):
+    """Every estimator's surrogate terms are worth zero: its loss equals its value, per example. That
+    is what lets one estimator's loss be another's cost (a chain of stochastic layers), and what
+    train/loss logs. (The score function's f + stopgrad(f - b) log q was not: its value carried
+    (f - b) log q, which a layer above would have read as cost.)"""
+    from discrete_vae.latents import Bernoulli
+
+    estimator = ESTIMATORS[name]
+    latent = Bernoulli(3) if type(estimator).latent_types == ("bernoulli",) else Categorical(2, 3)
+    estimator.check(latent)
+    torch.manual_seed(0)
+    logits = torch.randn(64, *latent.param_shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(int(torch.tensor(latent.param_shape).prod()), dtype=torch.float64)
+    cost = lambda z: (z.flatten(-len(latent.param_shape)).to(weight) @ weight - 0.3) ** 2 + 1.0  # noqa: E731
+    out = estimator.double().train()(logits, cost, latent)
+    torch.testing.assert_close(out.loss.detach(), out.value.detach(), rtol=1e-12, atol=1e-12)

@@ -57,11 +57,13 @@ def sample_bounds(
     generator: torch.Generator | None = None,
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Bounds:
-    """neg_elbo and nll_iwae of each image from the same m = `num_samples` draws z_i ~ q(z|x).  # x (B, D)
+    """neg_elbo and nll_iwae of each image from the same m = `num_samples` draws z_i ~ q(z|x), through
+    every stochastic layer (VAE.sample_terms).  # x (B, D)
 
-    log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8; VAE.log_weights)
+    log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8)
     nll_iwae = -(logsumexp_i log w_i - log m)
-    neg_elbo = mean_i cost(z_i, x) + KL(q(z|x) || p(z))           (analytic KL)
+    neg_elbo = mean_i cost(z_i, x) + KL(q(z|x) || p(z))           (analytic KL; with layers above,
+                                                                  each layer's analytic term)
 
     The m draws are taken `chunk` at a time; logsumexp is accumulated across chunks.
     """
@@ -71,18 +73,13 @@ def sample_bounds(
     B = logits.shape[0]
     chunk = _chunk_size(B, max_rows)
     lse = logits.new_full((B,), -math.inf)  # running logsumexp of log w
-    cost_sum = logits.new_zeros(B)
+    term_sum = logits.new_zeros(B)
     for start in range(0, num_samples, chunk):
         s = min(chunk, num_samples - start)
-        z = model.latent.sample(logits, (s,), generator=generator)  # (s, B, *param_shape)
-        cost = model.cost(z, x)  # (s, B)
-        log_w = model.log_weights(z, logits, cost)  # (s, B)
+        log_w, term = model.sample_terms(x, logits, s, generator)  # (s, B) each
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
-        cost_sum += cost.sum(0)
-    return Bounds(
-        neg_elbo=cost_sum / num_samples + model.kl(logits),
-        nll_iwae=-(lse - math.log(num_samples)),
-    )
+        term_sum += term.sum(0)
+    return Bounds(neg_elbo=term_sum / num_samples, nll_iwae=-(lse - math.log(num_samples)))
 
 
 def iwae_bound(model, x, num_samples, generator=None, max_rows=DEFAULT_MAX_ROWS) -> Tensor:
@@ -91,22 +88,24 @@ def iwae_bound(model, x, num_samples, generator=None, max_rows=DEFAULT_MAX_ROWS)
 
 
 def fits_exact(model: VAE, max_configs: int) -> bool:
-    """Whether the latent type's configurations fit the enumeration budget."""
-    return model.latent.num_configs <= max_configs
+    """Whether the configurations of all stochastic layers together fit the enumeration budget."""
+    return model.num_configs <= max_configs
 
 
 def check_exact(model: VAE, max_configs: int) -> None:
     """Raise ConfigError when the latent type's configurations are over the enumeration budget."""
     if not fits_exact(model, max_configs):
         raise ConfigError(
-            f"nll_exact enumerates {model.latent.num_configs:.4g} configurations of {model.latent.describe()}, "
+            f"nll_exact enumerates {model.num_configs:.4g} configurations of "
+            f"{' and '.join(latent.describe() for latent in model.latents)}, "
             f"over the budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
         )
 
 
 @torch.no_grad()
 def exact_nll(model: VAE, x: Tensor, max_configs: int = 4096, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
-    """-log p(x) = -log sum_c p(c) p(x|c) over all configurations c of the latent type.  # x (B, D) -> (B,)
+    """-log p(x) = -log sum_c p(c) p(x|c) over all configurations c of the latent type (p(c) summed over
+    the layers above, when there are: VAE.prior_log_prob).  # x (B, D) -> (B,)
 
     -log p(x) = -logsumexp_c(log p(c) - cost(c, x)). Configurations come `chunk` at a time from
     the latent type's `enumerate`; raises ConfigError over budget.
@@ -117,7 +116,7 @@ def exact_nll(model: VAE, x: Tensor, max_configs: int = 4096, max_rows: int = DE
     lse = x.new_full((B,), -math.inf)
     for start in range(0, model.latent.num_configs, chunk):
         configs = model.latent.enumerate(start, start + chunk, device=x.device, dtype=x.dtype)  # (C, *param_shape)
-        log_joint = model.latent.prior_log_prob(configs)[:, None] - model.cost(configs[:, None], x)  # (C, B)
+        log_joint = model.prior_log_prob(configs)[:, None] - model.cost(configs[:, None], x)  # (C, B)
         lse = torch.logaddexp(lse, torch.logsumexp(log_joint, dim=0))
     return -lse
 

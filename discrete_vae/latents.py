@@ -67,6 +67,10 @@ class Latent(nn.Module):
         """KL(q(z|x) || p(z)), analytic.  # (B, *param_shape) -> (B,)"""
         raise NotImplementedError
 
+    def entropy(self, logits: Tensor) -> Tensor:  # pragma: no cover
+        """H(q(z|x)) = -E_q[log q(z|x)], analytic, summed over the latents.  # (B, *param_shape) -> (B,)"""
+        raise NotImplementedError
+
     def prior_log_prob(self, z: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -155,6 +159,10 @@ class Categorical(Latent):
         log_q = torch.log_softmax(logits, dim=-1)  # (B, N, K)
         return (log_q.exp() * log_q).sum(dim=(-2, -1)) + self.num_latents * math.log(self.num_categories)
 
+    def entropy(self, logits: Tensor) -> Tensor:
+        log_q = torch.log_softmax(logits, dim=-1)  # (..., N, K)
+        return -(log_q.exp() * log_q).sum(dim=(-2, -1))
+
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return z.new_full(z.shape[:-2], -self.num_latents * math.log(self.num_categories))
 
@@ -241,6 +249,10 @@ class Bernoulli(Latent):
         on = F.logsigmoid(logits) - F.logsigmoid(eta)  # log q - log p
         off = F.logsigmoid(-logits) - F.logsigmoid(-eta)  # log(1 - q) - log(1 - p)
         return (q * on + (1 - q) * off).sum(-1)
+
+    def entropy(self, logits: Tensor) -> Tensor:
+        q = torch.sigmoid(logits)  # (..., N)
+        return -(q * F.logsigmoid(logits) + (1 - q) * F.logsigmoid(-logits)).sum(-1)
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         return self.log_prob(self.prior_logits.to(z), z)

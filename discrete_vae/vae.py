@@ -12,6 +12,7 @@ compared under many estimators (scripts/gradient_study.py), and the LightningMod
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discrete_vae.errors import ConfigError, require_number
-from discrete_vae.estimators import Estimator
+from discrete_vae.estimators import ANY_LATENT, CostFn, Estimator, EstimatorOutput
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Decoder, Encoder
 
@@ -37,8 +38,40 @@ class Objective(NamedTuple):
     kl: Tensor  # scalar
 
 
+class Layer(nn.Module):
+    """A stochastic layer above the first: its latent type, the network of q(z_l | z_{l-1}) (its
+    `encoder`, from the layer below's sample) and that of p(z_{l-1} | z_l) (its `decoder`, the
+    logits of the layer below), MLPs with `hidden_dims` between them (none: linear maps, as the
+    two-layer models of Yin & Zhou 2019 and Jang et al. 2017's SBNs)."""
+
+    def __init__(self, latent: Latent, below: Latent, hidden_dims: Sequence[int], activation: str,
+                 activation_args: dict | None = None):
+        super().__init__()
+        self.latent = latent
+        self.encoder = Encoder(below.decoder_dim, hidden_dims, latent.param_shape, activation, activation_args)
+        self.decoder = Encoder(latent.decoder_dim, list(reversed(hidden_dims)), below.param_shape, activation,
+                               activation_args)
+
+
+class HardSample(Estimator):
+    """Not a gradient estimator: the cost at one exact sample z ~ q (the latent type's `sample`, from
+    `generator`), for reporting the negative ELBO (validation, test) through every stochastic layer."""
+
+    latent_types = ANY_LATENT
+
+    def __init__(self, generator: torch.Generator | None = None):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        f = cost(latent.sample(logits, generator=self.generator))
+        return EstimatorOutput(f, f)
+
+
 class VAE(nn.Module):
-    """p(z) p(x|z) with q(z|x), for any latent type; pixels are Bernoulli."""
+    """p(z) p(x|z) with q(z|x), for any latent type; pixels are Bernoulli. With `upper_latents`, a
+    chain of stochastic layers: q(z1|x) q(z2|z1) ... and p(zL) ... p(z1|z2) p(x|z1) (Yin & Zhou 2019's
+    two-layer VAE), the prior being the top layer's; one stochastic layer is the case of none."""
 
     def __init__(
         self,
@@ -46,8 +79,10 @@ class VAE(nn.Module):
         input_dim: int = 784,
         hidden_dims: Sequence[int] = (512, 256),
         activation: str = "ReLU",
-        output_bias_init: str = "default",
-        activation_args: dict | None = None,  # keyword arguments of the activation, e.g. {negative_slope: 0.3}  # conf/model sets data_mean: on for every configured run
+        output_bias_init: str = "default",  # conf/model sets data_mean: on for every configured run
+        activation_args: dict | None = None,  # keyword arguments of the activation, e.g. {negative_slope: 0.3}
+        upper_latents: Sequence[Latent] = (),  # stochastic layers above `latent`, lowest first
+        upper_hidden_dims: Sequence[int] = (),  # the networks between stochastic layers ([]: linear)
     ):
         super().__init__()
         if output_bias_init not in OUTPUT_BIAS_INITS:
@@ -59,8 +94,16 @@ class VAE(nn.Module):
             raise ConfigError(f"model.hidden_dims must be a list of layer widths such as [512,256], got {hidden_dims!r}")
         for width in hidden_dims:
             require_number("model.hidden_dims", width, positive=True, integer=True, hint="layer widths such as [512,256]")
+        if not isinstance(upper_hidden_dims, (list, tuple)):
+            raise ConfigError(f"model.upper_hidden_dims must be a list of layer widths (or []), got {upper_hidden_dims!r}")
+        for width in upper_hidden_dims:
+            require_number("model.upper_hidden_dims", width, positive=True, integer=True, hint="layer widths, or []")
+        latents = [latent, *upper_latents]
         sizes = [input_dim, *hidden_dims, math.prod(latent.param_shape)]
         weights = 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # the encoder and its mirror
+        for below, above in zip(latents[:-1], latents[1:]):
+            sizes = [below.decoder_dim, *upper_hidden_dims, math.prod(above.param_shape)]
+            weights += 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
         if weights > MAX_WEIGHTS:
             raise ConfigError(f"the encoder and decoder would hold {weights:.3g} weights ({latent.describe()}, "
                               f"hidden {list(hidden_dims)}), over {MAX_WEIGHTS:.0e}; shrink the latent space or the layers")
@@ -70,6 +113,10 @@ class VAE(nn.Module):
             raise ConfigError(f"model.activation_args must be a mapping such as {{negative_slope: 0.3}}, got {activation_args!r}")
         self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation, activation_args)
         self.decoder = Decoder(input_dim, hidden_dims, latent.decoder_dim, activation, activation_args)
+        self.upper = nn.ModuleList(
+            Layer(above, below, upper_hidden_dims, activation, activation_args)
+            for below, above in zip(latents[:-1], latents[1:])
+        )  # empty for one stochastic layer: the state of a one-layer VAE is what it always was
         self.output_bias_init = output_bias_init
         self.output_bias_pending = output_bias_init == "data_mean"  # done once, before the first fit
 
@@ -92,35 +139,141 @@ class VAE(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits_x.expand(shape), x.expand(shape), reduction="none")
         return bce.sum(-1)
 
-    def kl(self, logits: Tensor) -> Tensor:
-        """KL(q(z|x) || p(z)), analytic (the latent type's).  # (B, *param_shape) -> (B,)"""
-        return self.latent.kl(logits)
+    @property
+    def latents(self) -> list[Latent]:
+        """The stochastic layers' latent types, lowest (the one the decoder of x reads) first."""
+        return [self.latent, *(layer.latent for layer in self.upper)]
 
-    def log_weights(self, z: Tensor, logits: Tensor, cost: Tensor) -> Tensor:
-        """log w = log p(x|z) + log p(z) - log q(z|x) (Burda et al. 2016, Eq. 8), from cost = -log p(x|z)
-        = `self.cost(z, x)`.  # z (S, B, *param_shape), logits (B, ...), cost (S, B) -> (S, B)"""
-        return -cost + self.latent.prior_log_prob(z) - self.latent.log_prob(logits, z)
+    @property
+    def num_configs(self) -> int:
+        """Configurations of all stochastic layers together (what exact enumeration sums over)."""
+        return math.prod(latent.num_configs for latent in self.latents)
+
+    def analytic(self, level: int, logits: Tensor) -> Tensor:
+        """The analytic part of stochastic layer `level`'s term of -ELBO given its parent: the top
+        layer's KL(q || p) to its prior, and E_q[log q] = -H(q) for a layer below others (whose
+        prior, p(z_l | z_{l+1}), is sampled instead).  # (R, *param_shape) -> (R,)"""
+        latent = self.latents[level]
+        return latent.kl(logits) if level == len(self.upper) else -latent.entropy(logits)
+
+    def kl(self, logits: Tensor) -> Tensor:
+        """Layer 1's analytic term: KL(q(z|x) || p(z)) with one stochastic layer (the latent type's);
+        with layers above it, -H(q(z1|x)).  # (B, *param_shape) -> (B,)"""
+        return self.analytic(0, logits)
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z1), exactly: the latent type's prior with one stochastic layer; with layers above,
+        log sum_{z2..} p(z1 | z2) ... p(zL), enumerating them (for exact likelihoods of small models).  # (C, *shape) -> (C,)"""
+        return self._marginal_prior(0, z)
+
+    def _marginal_prior(self, level: int, z: Tensor) -> Tensor:
+        latent = self.latents[level]
+        if level == len(self.upper):
+            return latent.prior_log_prob(z)
+        layer, above = self.upper[level], self.latents[level + 1]
+        configs = above.enumerate(device=z.device, dtype=z.dtype)  # (C, *shape above)
+        logits = layer.decoder(above.decoder_input(configs))  # (C, *shape)
+        shape = latent.param_shape
+        joint = latent.log_prob(logits[:, None], z[None]) + self._marginal_prior(level + 1, configs)[:, None]  # (C, Z)
+        return torch.logsumexp(joint, dim=0).reshape(z.shape[: z.dim() - len(shape)])
 
     # -- the objective ---------------------------------------------------------------------------
-    def objective(self, x: Tensor, estimator: Estimator, logits: Tensor | None = None) -> Objective:
-        """The training objective: the estimator's surrogate of E_q[-log p(x|z)] plus the analytic KL,
-        batch means. Its `loss`'s gradient is the estimate; `neg_elbo` is the value it reports.
-        `logits` (B, *param_shape), when given, stand for `encode(x)` (the diagnostics replicate them)."""
+    def layer_estimators(self, estimator: Estimator | Sequence[Estimator]) -> list[Estimator]:
+        """One estimator per stochastic layer: a sequence is checked as it is; a single estimator
+        stands for the lowest layer, and each layer above gets a copy of it (its own state: an EMA
+        baseline, a control network of its own size), checked against that layer's latent type."""
+        estimators = [estimator] if isinstance(estimator, Estimator) else list(estimator)
+        if len(estimators) == 1:
+            estimators += [copy.deepcopy(estimator) for _ in self.upper]
+        if len(estimators) != len(self.latents):
+            raise ConfigError(f"{len(estimators)} estimators for {len(self.latents)} stochastic layers")
+        for each, latent in zip(estimators, self.latents):
+            each.check(latent)
+        return estimators
+
+    def terms(self, x: Tensor, estimators: Sequence[Estimator], logits: Tensor | None = None):
+        """Per image: (loss, value, analytic) of -ELBO = value + analytic, where `value` is the sampled
+        part as layer 1's estimator reports it and `loss` its surrogate (worth the value).
+
+        Layer 1's estimator sees the cost -log p(x|z1) plus, when there are layers above, the term of
+        the layer above given z1 (`_above`): that layer's estimator, run on q(z2|z1) with the cost
+        -log p(z1|z2) (plus the layer above it, and so on), plus its analytic term. An estimator's
+        loss is worth its value (discrete_vae.estimators), so this composes: each layer's estimator
+        gets, as its learning signal, everything that lies downstream of its sample (the papers'
+        multi-layer forms of the score-function family; the pathwise ones differentiate through
+        every layer). With one stochastic layer this is the estimator on -log p(x|z) and the
+        analytic KL.  # x (B, D) -> (B,) each"""
         logits = self.encode(x) if logits is None else logits
-        out = estimator(logits, lambda z: self.cost(z, x), self.latent)  # (B,) each
-        kl = self.kl(logits)  # (B,)
+        rows = logits.shape[0]
+        out = estimators[0](logits, lambda z: self.cost(z, x) + self._above(0, z, estimators, rows), self.latent)
+        return out.loss, out.value, self.analytic(0, logits)
+
+    def _above(self, level: int, z: Tensor, estimators: Sequence[Estimator], rows: int) -> Tensor | float:
+        """The term of the layers above `level` given its samples z.  # z (*S, B', *shape) -> (*S, B), or 0."""
+        if level == len(self.upper):
+            return 0.0
+        shape = self.latents[level].param_shape
+        lead = z.shape[: z.dim() - len(shape)]  # (*S, B')
+        z = z.expand(*lead[:-1], rows, *shape)  # a configuration shared by the batch: one per image
+        parent = z.reshape(-1, *shape)  # (R, *shape): every (sample, image) row its own draws above
+        layer, latent = self.upper[level], self.latents[level]
+        logits = layer.encoder(latent.decoder_input(parent))  # (R, *shape above): q(z_{l+1} | z_l)
+
+        def cost(above: Tensor) -> Tensor:  # (*S', R', *shape above) -> (*S', R)
+            prior_logits = layer.decoder(layer.latent.decoder_input(above))  # (*S', R', *shape): p(z_l | z_{l+1})
+            return -latent.log_prob(prior_logits, parent) + self._above(level + 1, above, estimators, parent.shape[0])
+
+        out = estimators[level + 1](logits, cost, layer.latent)
+        return (out.loss + self.analytic(level + 1, logits)).reshape(*lead[:-1], rows)
+
+    def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
+        """The training objective: the estimators' surrogate of the sampled part of -ELBO plus the
+        analytic part, batch means (for one stochastic layer: E_q[-log p(x|z)] plus the analytic KL,
+        Kingma & Welling 2014, Eq. 7). Its `loss`'s gradient is the estimate; `neg_elbo` is the value
+        it reports. `estimator`: one per stochastic layer (`layer_estimators`), or one for a model with
+        one layer. `logits` (B, *param_shape), when given, stand for `encode(x)` (the diagnostics
+        replicate them)."""
+        if isinstance(estimator, Estimator) and self.upper:
+            raise ConfigError(f"a model with {len(self.latents)} stochastic layers needs one estimator per "
+                              f"layer: pass model.layer_estimators(estimator)")
+        estimators = [estimator] if isinstance(estimator, Estimator) else list(estimator)
+        loss, value, analytic = self.terms(x, estimators, logits)  # (B,) each
         return Objective(
-            loss=(out.loss + kl).mean(),
-            neg_elbo=(out.value + kl).mean(),
-            recon=out.value.mean(),
-            kl=kl.mean(),
+            loss=(loss + analytic).mean(),
+            neg_elbo=(value + analytic).mean(),
+            recon=value.mean(),
+            kl=analytic.mean(),
         )
 
     def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """True negative ELBO per image: -log p(x|z) at a hard z ~ q(z|x), plus the analytic KL.  # (B,)"""
-        logits = self.encode(x)
-        z = self.latent.sample(logits, generator=generator)
-        return self.cost(z, x) + self.kl(logits)
+        """True negative ELBO per image at hard samples, one per stochastic layer (z1 ~ q(z1|x), then
+        z2 ~ q(z2|z1), ...), with each layer's analytic term (one layer: -log p(x|z) + KL).  # (B,)"""
+        sample = HardSample(generator)
+        _, value, analytic = self.terms(x, [sample] * len(self.latents))
+        return value + analytic
+
+    @torch.no_grad()
+    def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
+        """`num` draws through every stochastic layer per image: (log w, -ELBO term), each (num, B).
+
+        log w = log p(x, z1..zL) - log q(z1..zL | x) (Burda et al. 2016, Eq. 8), with
+        log p = log p(x|z1) + sum_l log p(z_l | z_{l+1}) + log p(zL); the -ELBO term is the sampled
+        part plus the analytic ones, whose mean over draws is -ELBO with lower variance than
+        -mean(log w) (for one layer: -log p(x|z) + KL).  # x (B, D), logits (B, *param_shape)"""
+        z = self.latent.sample(logits, (num,), generator=generator)  # (S, B, *shape)
+        cost = self.cost(z, x)  # (S, B)
+        log_w = -cost - self.latent.log_prob(logits, z)
+        term = cost + self.analytic(0, logits)
+        for level, layer in enumerate(self.upper):
+            below = self.latents[level]
+            up_logits = layer.encoder(below.decoder_input(z))  # (S, B, *shape above)
+            above = layer.latent.sample(up_logits, generator=generator)
+            conditional = -below.log_prob(layer.decoder(layer.latent.decoder_input(above)), z)  # -log p(z_l | z_{l+1})
+            log_w = log_w - conditional - layer.latent.log_prob(up_logits, above)
+            term = term + conditional + self.analytic(level + 1, up_logits)
+            z = above
+        log_w = log_w + self.latents[-1].prior_log_prob(z)
+        return log_w, term
 
     # -- images ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,10 +283,14 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, num: int, seed: int = 0) -> Tensor:
-        """Decoded draws from the prior (Bernoulli means), the same prior draws each call.  # (num, D)"""
+        """Decoded draws from the prior (Bernoulli means), the same prior draws each call: the top
+        layer's prior, then p(z_l | z_{l+1}) down to z1.  # (num, D)"""
         device = next(self.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
-        return torch.sigmoid(self.decode(self.latent.prior_sample(num, generator=generator, device=device)))
+        z = self.latents[-1].prior_sample(num, generator=generator, device=device)
+        for layer, below in zip(reversed(self.upper), reversed(self.latents[:-1])):
+            z = below.sample(layer.decoder(layer.latent.decoder_input(z)), generator=generator)
+        return torch.sigmoid(self.decode(z))
 
     # -- initialisation --------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from discrete_vae.checkpoints import read_checkpoint
 from discrete_vae.errors import ConfigError, DataError, find_user_error
@@ -62,8 +62,13 @@ def _unknown_argument(err: BaseException) -> str | None:
 
 
 def build_vae(cfg: DictConfig) -> VAE:
-    """The VAE of `cfg.model` around the latent type of `cfg.latent`."""
-    return build(cfg.model, latent=build(cfg.latent))
+    """The VAE of `cfg.model` around the latent type of `cfg.latent`, and the stochastic layers of
+    `cfg.upper_latents` above it (a list of latent configs; absent or empty: one layer)."""
+    upper = cfg.get("upper_latents") or []
+    if not isinstance(upper, (list, ListConfig)):
+        raise ConfigError(f"upper_latents must be a list of latent types (e.g. [{{_target_: "
+                          f"discrete_vae.latents.Bernoulli, num_latents: 200}}]) or [], got {upper!r}")
+    return build(cfg.model, latent=build(cfg.latent), upper_latents=[build(node) for node in upper])
 
 
 def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
@@ -79,7 +84,7 @@ def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
 
 
 # What each node of a checkpoint's config may build, and from which packages.
-ALLOWED = {"latent": Latent, "model": VAE, "estimator": Estimator, "data": L.LightningDataModule,
+ALLOWED = {"latent": Latent, "upper_latents": Latent, "model": VAE, "estimator": Estimator, "data": L.LightningDataModule,
            "optimizer": torch.optim.Optimizer}
 OWN_PACKAGES = {"optimizer": ("torch.optim",)}  # the others: discrete_vae alone
 

@@ -60,8 +60,10 @@ class TemperatureAnnealing(L.Callback):
     def temperature(self, step: int, estimator) -> float:
         return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate, self.interval)
 
-    def _set(self, trainer: L.Trainer, estimator) -> None:
-        estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
+    def _set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for estimator in getattr(pl_module, "estimators", [pl_module.estimator]):  # every stochastic layer's
+            if estimator.has_temperature:
+                estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         estimator = pl_module.estimator
@@ -76,7 +78,7 @@ class TemperatureAnnealing(L.Callback):
                 f"{estimator.tau_min}), so it would never be used. Raise {source} "
                 f"or lower the floor (callbacks.temperature.tau_min, estimator.tau_min=null)."
             )
-        self._set(trainer, estimator)  # also right after a resume, at any step
+        self._set(trainer, pl_module)  # also right after a resume, at any step
         log.info("temperature: %g at step %d, annealed to %g (rate %g every %d steps)", float(estimator.tau),
                  trainer.global_step, floor, self.rate, self.interval)
 
@@ -85,7 +87,7 @@ class TemperatureAnnealing(L.Callback):
         if not estimator.has_temperature:
             return
         if trainer.global_step % self.interval == 0:
-            self._set(trainer, estimator)
+            self._set(trainer, pl_module)
         if logs_this_step(trainer):
             pl_module.log("train/temperature", estimator.tau, on_step=True, on_epoch=False)
 

@@ -1,6 +1,7 @@
 """The LightningModule: a VAE (discrete_vae.vae) trained with one gradient estimator.
 
-It holds the model and the estimator and does what Lightning needs and nothing else: seeding,
+It holds the model and the estimator (and, for the stochastic layers above the first, a copy of
+it each, with its own state) and does what Lightning needs and nothing else: seeding,
 logging, validation and test, images, the optimizer. The maths is the VAE's: `training_step`
 is thin, it calls `VAE.objective`, hands metrics (tensors) to the logger only on the steps that
 log, and returns the surrogate loss, with no host synchronisation. Each step's noise is seeded
@@ -69,11 +70,12 @@ class VAEModule(L.LightningModule):
         discrete_vae.checkpoints rebuilds the model); `run_choices`: its group choices, for messages."""
         super().__init__()
         require_number("test_iwae_samples", test_iwae_samples, integer=True, low=0, hint="0 turns test/nll_iwae off")
-        estimator.check(vae.latent)
+        estimators = vae.layer_estimators(estimator)  # one per stochastic layer, each checked
         check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["vae", "estimator", "optimizer", "run_choices"])
         self.vae = vae
-        self.estimator = estimator
+        self.estimator = estimator  # the lowest layer's (the only one of a one-layer model)
+        self.estimators_above = torch.nn.ModuleList(estimators[1:])  # copies for the layers above
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.num_images = num_images
         self.test_iwae_samples = int(test_iwae_samples)
@@ -81,6 +83,11 @@ class VAEModule(L.LightningModule):
         self.run_config, self.run_choices = run_config, run_choices or {}
         self._image_batch: Tensor | None = None
         self._nvml_switched_off = False  # on_fit_start turned Lightning's NVML check off (CPU fits)
+
+    @property
+    def estimators(self) -> list[Estimator]:
+        """One estimator per stochastic layer, lowest first."""
+        return [self.estimator, *self.estimators_above]
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -112,7 +119,7 @@ class VAEModule(L.LightningModule):
         self.vae.output_bias_pending = False
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        out = self.vae.objective(batch, self.estimator)
+        out = self.vae.objective(batch, self.estimators)
         if logs_this_step(self.trainer):
             self.log_dict(
                 {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},

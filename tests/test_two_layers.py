@@ -123,3 +123,25 @@ def test_a_categorical_layer_above_bits_and_one_estimator_for_two_layers_refused
         model.objective(X, E.GumbelSoftmax())
     with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
         model.layer_estimators(E.ARM())
+
+
+def test_a_two_layer_run_trains_checkpoints_both_layers_and_resumes_exactly(data_root, tmp_path):
+    """Through scripts/train.py: RELAX on 8 + 8 bits, each layer its own copy (its own control network
+    and Adam state); killed at step 7 (last.ckpt every 3 steps) and resumed, it ends bit-for-bit as the
+    run never interrupted."""
+    from test_long_runs import kill_at, train, weights
+
+    args = ["upper_latents=[{_target_:discrete_vae.latents.Bernoulli,num_latents:8,prior:learned}]",
+            "latent=bernoulli", "latent.num_latents=8", "model.hidden_dims=[16]", "estimator=relax",
+            "trainer.max_steps=10", "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
+            "test_iwae_samples=5", "callbacks.latest.every_n_train_steps=3", "trainer.enable_progress_bar=false"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train([*args, f"hydra.run.dir={straight}"], data_root, tmp_path)
+    proc = train([*args, kill_at(7), f"hydra.run.dir={broken}"], data_root, tmp_path, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
+    a, b = weights(straight), weights(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
+    assert {"vae.upper.0.encoder.net.0.weight", "vae.upper.0.latent.prior_logits",
+            "estimators_above.0.net.0.weight", "estimator.net.0.weight"} <= a.keys()
+    assert a["estimators_above.0.net.0.weight"].shape == (137, 16) and a["estimator.net.0.weight"].shape == (137, 16)

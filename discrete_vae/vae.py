@@ -12,7 +12,6 @@ compared under many estimators (scripts/gradient_study.py), and the LightningMod
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from discrete_vae.chain import StochasticChain
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import ANY_LATENT, CostFn, Estimator, EstimatorOutput
 from discrete_vae.latents import Latent
@@ -68,7 +68,7 @@ class HardSample(Estimator):
         return EstimatorOutput(f, f)
 
 
-class VAE(nn.Module):
+class VAE(StochasticChain):
     """p(z) p(x|z) with q(z|x), for any latent type; pixels are Bernoulli. With `upper_latents`, a
     chain of stochastic layers: q(z1|x) q(z2|z1) ... and p(zL) ... p(z1|z2) p(x|z1) (Yin & Zhou 2019's
     two-layer VAE), the prior being the top layer's; one stochastic layer is the case of none."""
@@ -144,11 +144,6 @@ class VAE(nn.Module):
         """The stochastic layers' latent types, lowest (the one the decoder of x reads) first."""
         return [self.latent, *(layer.latent for layer in self.upper)]
 
-    @property
-    def num_configs(self) -> int:
-        """Configurations of all stochastic layers together (what exact enumeration sums over)."""
-        return math.prod(latent.num_configs for latent in self.latents)
-
     def analytic(self, level: int, logits: Tensor) -> Tensor:
         """The analytic part of stochastic layer `level`'s term of -ELBO given its parent: the top
         layer's KL(q || p) to its prior, and E_q[log q] = -H(q) for a layer below others (whose
@@ -178,53 +173,29 @@ class VAE(nn.Module):
         return torch.logsumexp(joint, dim=0).reshape(z.shape[: z.dim() - len(shape)])
 
     # -- the objective ---------------------------------------------------------------------------
-    def layer_estimators(self, estimator: Estimator | Sequence[Estimator]) -> list[Estimator]:
-        """One estimator per stochastic layer: a sequence is checked as it is; a single estimator
-        stands for the lowest layer, and each layer above gets a copy of it (its own state: an EMA
-        baseline, a control network of its own size), checked against that layer's latent type."""
-        estimators = [estimator] if isinstance(estimator, Estimator) else list(estimator)
-        if len(estimators) == 1:
-            estimators += [copy.deepcopy(estimator) for _ in self.upper]
-        if len(estimators) != len(self.latents):
-            raise ConfigError(f"{len(estimators)} estimators for {len(self.latents)} stochastic layers")
-        for each, latent in zip(estimators, self.latents):
-            each.check(latent)
-        return estimators
+    # -- the chain (discrete_vae.chain) ------------------------------------------------------------
+    def encode_above(self, level: int, z: Tensor) -> Tensor:
+        """q(z_{l+1} | z_l)'s logits.  # (R, *shape) -> (R, *shape above)"""
+        return self.upper[level].encoder(self.latents[level].decoder_input(z))
+
+    def local_cost(self, level: int, z: Tensor, context: Tensor) -> Tensor:
+        """-log p(x | z1) at the lowest layer (context: x); -log p(z_{l-1} | z_l) above it (context: the
+        sample below).  # z (*S, R', *shape) -> (*S, R)"""
+        if level == 0:
+            return self.cost(z, context)
+        layer = self.upper[level - 1]
+        return -self.latents[level - 1].log_prob(layer.decoder(layer.latent.decoder_input(z)), context)
+
+    def context_above(self, level: int, z: Tensor, context: Tensor, lead: tuple[int, ...]) -> Tensor:
+        return z  # the layer above scores the sample below: p(z_l | z_{l+1})
 
     def terms(self, x: Tensor, estimators: Sequence[Estimator], logits: Tensor | None = None):
-        """Per image: (loss, value, analytic) of -ELBO = value + analytic, where `value` is the sampled
-        part as layer 1's estimator reports it and `loss` its surrogate (worth the value).
-
-        Layer 1's estimator sees the cost -log p(x|z1) plus, when there are layers above, the term of
-        the layer above given z1 (`_above`): that layer's estimator, run on q(z2|z1) with the cost
-        -log p(z1|z2) (plus the layer above it, and so on), plus its analytic term. An estimator's
-        loss is worth its value (discrete_vae.estimators), so this composes: each layer's estimator
-        gets, as its learning signal, everything that lies downstream of its sample (the papers'
-        multi-layer forms of the score-function family; the pathwise ones differentiate through
-        every layer). With one stochastic layer this is the estimator on -log p(x|z) and the
-        analytic KL.  # x (B, D) -> (B,) each"""
+        """Per image: (loss, value, analytic) of -ELBO = value + analytic (`StochasticChain.layer_terms`
+        from the lowest layer): `value` is the sampled part as layer 1's estimator reports it, with the
+        cost -log p(x|z1) plus the layers above given z1, and `loss` its surrogate (worth the value).
+        With one stochastic layer: the estimator on -log p(x|z) and the analytic KL.  # x (B, D) -> (B,) each"""
         logits = self.encode(x) if logits is None else logits
-        rows = logits.shape[0]
-        out = estimators[0](logits, lambda z: self.cost(z, x) + self._above(0, z, estimators, rows), self.latent)
-        return out.loss, out.value, self.analytic(0, logits)
-
-    def _above(self, level: int, z: Tensor, estimators: Sequence[Estimator], rows: int) -> Tensor | float:
-        """The term of the layers above `level` given its samples z.  # z (*S, B', *shape) -> (*S, B), or 0."""
-        if level == len(self.upper):
-            return 0.0
-        shape = self.latents[level].param_shape
-        lead = z.shape[: z.dim() - len(shape)]  # (*S, B')
-        z = z.expand(*lead[:-1], rows, *shape)  # a configuration shared by the batch: one per image
-        parent = z.reshape(-1, *shape)  # (R, *shape): every (sample, image) row its own draws above
-        layer, latent = self.upper[level], self.latents[level]
-        logits = layer.encoder(latent.decoder_input(parent))  # (R, *shape above): q(z_{l+1} | z_l)
-
-        def cost(above: Tensor) -> Tensor:  # (*S', R', *shape above) -> (*S', R)
-            prior_logits = layer.decoder(layer.latent.decoder_input(above))  # (*S', R', *shape): p(z_l | z_{l+1})
-            return -latent.log_prob(prior_logits, parent) + self._above(level + 1, above, estimators, parent.shape[0])
-
-        out = estimators[level + 1](logits, cost, layer.latent)
-        return (out.loss + self.analytic(level + 1, logits)).reshape(*lead[:-1], rows)
+        return self.layer_terms(0, logits, x, estimators)
 
     def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
         """The training objective: the estimators' surrogate of the sampled part of -ELBO plus the

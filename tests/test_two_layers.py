@@ -145,3 +145,12 @@ def test_a_two_layer_run_trains_checkpoints_both_layers_and_resumes_exactly(data
     assert {"vae.upper.0.encoder.net.0.weight", "vae.upper.0.latent.prior_logits",
             "estimators_above.0.net.0.weight", "estimator.net.0.weight"} <= a.keys()
     assert a["estimators_above.0.net.0.weight"].shape == (137, 16) and a["estimator.net.0.weight"].shape == (137, 16)
+
+
+def test_a_chain_too_costly_for_its_estimator_is_refused_with_each_layers_count():
+    from discrete_vae.errors import ConfigError
+
+    big = VAE(Bernoulli(100), input_dim=D, hidden_dims=[], upper_latents=[Bernoulli(100)])
+    with pytest.raises(ConfigError, match=r"evaluates the decoder 101 x 101 = 1\.02e\+04 times per example"):
+        big.layer_estimators(E.IndeCateR())
+    assert len(big.layer_estimators(E.DisARM())) == 2  # 2 x 2 evaluations

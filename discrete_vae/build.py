@@ -26,6 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from discrete_vae.chain import StochasticChain
 from discrete_vae.checkpoints import read_checkpoint
 from discrete_vae.errors import ConfigError, DataError, find_user_error
 from discrete_vae.estimators import Estimator
@@ -84,7 +85,7 @@ def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
 
 
 # What each node of a checkpoint's config may build, and from which packages.
-ALLOWED = {"latent": Latent, "upper_latents": Latent, "model": VAE, "estimator": Estimator, "data": L.LightningDataModule,
+ALLOWED = {"latent": Latent, "upper_latents": Latent, "model": StochasticChain, "estimator": Estimator, "data": L.LightningDataModule,
            "optimizer": torch.optim.Optimizer}
 OWN_PACKAGES = {"optimizer": ("torch.optim",)}  # the others: discrete_vae alone
 

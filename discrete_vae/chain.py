@@ -89,6 +89,17 @@ class StochasticChain(nn.Module):
                 )
         return estimators
 
+    def as_estimators(self, estimator: Estimator | Sequence[Estimator]) -> list[Estimator]:
+        """The estimators `objective` was given: a sequence, one per layer; a single estimator only for
+        a chain of one layer (the layers above need copies with their own state: `layer_estimators`,
+        made once, by the caller that keeps them)."""
+        if isinstance(estimator, Estimator):
+            if len(self.latents) > 1:
+                raise ConfigError(f"a model with {len(self.latents)} stochastic layers needs one estimator per "
+                                  f"layer: pass model.layer_estimators(estimator)")
+            return [estimator]
+        return list(estimator)
+
     def layer_terms(self, level: int, logits: Tensor, context: Tensor, estimators: Sequence[Estimator]):
         """Per row: (loss, value, analytic) of layer `level` and everything above it, given its logits
         and the context its cost needs; `value` + `analytic` is its term of the objective and `loss`

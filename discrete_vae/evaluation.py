@@ -110,6 +110,8 @@ def exact_nll(model: VAE, x: Tensor, max_configs: int = 4096, max_rows: int = DE
     -log p(x) = -logsumexp_c(log p(c) - cost(c, x)). Configurations come `chunk` at a time from
     the latent type's `enumerate`; raises ConfigError over budget.
     """
+    if not isinstance(model, VAE):  # another chain (discrete_vae.sbn.SBN): its own sum
+        return model.exact_nll(x, max_configs)
     check_exact(model, max_configs)
     B = x.shape[0]
     chunk = _chunk_size(B, max_rows)

@@ -193,9 +193,10 @@ class VAEModule(L.LightningModule):
             recon = self.vae.reconstruct(x, generator=self._eval_generator(0, 1))
             side = math.isqrt(x.shape[-1])
             pairs = torch.cat([x, recon]).view(-1, 1, side, side)  # inputs in the first row
-            samples = self.vae.sample_images(64).view(-1, 1, side, side)
             logger.experiment.add_image("val/reconstructions", make_grid(pairs, nrow=len(x)), self.global_step)
-            logger.experiment.add_image("val/samples", make_grid(samples, nrow=8), self.global_step)
+            if self.vae.has_prior:  # an SBN predicts the lower half: no unconditional samples
+                samples = self.vae.sample_images(64).view(-1, 1, side, side)
+                logger.experiment.add_image("val/samples", make_grid(samples, nrow=8), self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:  # lets discrete_vae.checkpoints.load_checkpoint rebuild the model

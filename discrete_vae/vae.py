@@ -73,6 +73,8 @@ class VAE(StochasticChain):
     chain of stochastic layers: q(z1|x) q(z2|z1) ... and p(zL) ... p(z1|z2) p(x|z1) (Yin & Zhou 2019's
     two-layer VAE), the prior being the top layer's; one stochastic layer is the case of none."""
 
+    has_prior = True  # images can be drawn from p(z) p(x|z)
+
     def __init__(
         self,
         latent: Latent,
@@ -204,10 +206,7 @@ class VAE(StochasticChain):
         it reports. `estimator`: one per stochastic layer (`layer_estimators`), or one for a model with
         one layer. `logits` (B, *param_shape), when given, stand for `encode(x)` (the diagnostics
         replicate them)."""
-        if isinstance(estimator, Estimator) and self.upper:
-            raise ConfigError(f"a model with {len(self.latents)} stochastic layers needs one estimator per "
-                              f"layer: pass model.layer_estimators(estimator)")
-        estimators = [estimator] if isinstance(estimator, Estimator) else list(estimator)
+        estimators = self.as_estimators(estimator)
         loss, value, analytic = self.terms(x, estimators, logits)  # (B,) each
         return Objective(
             loss=(loss + analytic).mean(),

@@ -18,8 +18,12 @@ Statistics (g_1..g_M the flattened estimates, r the reference, P parameters):
   estimator's forward and the backward to the encoder), the minimum over a few repetitions
   (the one least disturbed by other work on the machine).
 
+For a chain of stochastic layers (discrete_vae.chain), the estimates are of the gradient of the
+lowest layer's encoder, q(z1|x)'s, which passes through every layer above; each layer has its
+estimator (one given estimator is copied to the layers above).
+
 The reference r is the exact gradient (estimators.Exact, enumeration of all the latent type's
-configurations) when they fit `max_configs`; otherwise the average of R RLOO estimates
+configurations, of every layer) when they fit `max_configs`; otherwise the average of R RLOO estimates
 (Kool et al. 2019, unbiased), whose standard error se_r = sqrt(tr Cov(RLOO) / R) is stated.
 
 Efficiency: the encoder runs once; the estimator runs on the logits replicated m times along
@@ -37,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,15 +103,28 @@ class GradientReport:
         }
 
 
+Estimators = Estimator | Sequence[Estimator]  # one, or one per stochastic layer
+
+
 def encoder_parameters(model: VAE) -> list[Tensor]:
+    """The parameters measured: the encoder of the lowest stochastic layer (of a chain: q(z1|x)'s,
+    whose gradient passes through every layer above)."""
     return [p for p in model.encoder.parameters() if p.requires_grad]
 
 
+def per_layer(model: VAE, estimator: Estimators) -> list[Estimator]:
+    """One estimator per stochastic layer: a list as given, or one estimator with a copy for each
+    layer above (`StochasticChain.layer_estimators`)."""
+    return model.layer_estimators(estimator)
+
+
 @contextlib.contextmanager
-def eval_mode(estimator: Estimator) -> Iterator[None]:
-    """The estimator (and its submodules) in eval mode inside, each module's mode restored after."""
-    modes = [(m, m.training) for m in estimator.modules()]
-    estimator.eval()
+def eval_mode(estimator: Estimators) -> Iterator[None]:
+    """The estimators (and their submodules) in eval mode inside, each module's mode restored after."""
+    estimators = [estimator] if isinstance(estimator, Estimator) else list(estimator)
+    modes = [(m, m.training) for each in estimators for m in each.modules()]
+    for each in estimators:
+        each.eval()
     try:
         yield
     finally:
@@ -115,15 +132,16 @@ def eval_mode(estimator: Estimator) -> Iterator[None]:
             module.training = mode
 
 
-def auto_chunk(model: VAE, x: Tensor, estimator: Estimator) -> int:
+def auto_chunk(model: VAE, x: Tensor, estimator: Estimators) -> int:
     """Estimates per batched call, bounded by decoder rows and by gradient memory."""
-    samples = estimator.decoder_rows(model.latent)  # decoder rows per example in one cost call
+    estimators = per_layer(model, estimator)
+    samples = math.prod(e.decoder_rows(latent) for e, latent in zip(estimators, model.latents))  # rows per example
     num_params = sum(p.numel() for p in encoder_parameters(model))
     return max(1, min(MAX_ROWS // (len(x) * samples), MAX_GRAD_FLOATS // num_params))
 
 
 def iter_gradients(
-    model: VAE, x: Tensor, estimator: Estimator, num: int, chunk_size: int | None = None
+    model: VAE, x: Tensor, estimator: Estimators, num: int, chunk_size: int | None = None
 ) -> Iterator[Tensor]:
     """`num` independent estimates of d/d(encoder params) of `model.objective(x, estimator).loss`,
     yielded in chunks of flat vectors.  # x (B, D) -> chunks (m, P)
@@ -131,6 +149,7 @@ def iter_gradients(
     The caller chooses the estimator's mode (see `eval_mode`); draws use the global RNG.
     """
     params = encoder_parameters(model)
+    estimator = per_layer(model, estimator)
     chunk = chunk_size or auto_chunk(model, x, estimator)
     with torch.enable_grad():
         logits = model.encode(x)  # (B, *param_shape), graph to the encoder parameters
@@ -182,12 +201,13 @@ class Moments:
         return self.sum_sq / self.count
 
 
-def draw(model: VAE, x: Tensor, estimator: Estimator, num: int, shift: Tensor | None = None,
+def draw(model: VAE, x: Tensor, estimator: Estimators, num: int, shift: Tensor | None = None,
          chunk_size: int | None = None) -> Moments:
-    """Moments of `num` estimates, drawn with the estimator in eval mode."""
+    """Moments of `num` estimates, drawn with the estimators in eval mode."""
     moments = Moments(shift)
+    estimator = per_layer(model, estimator)
     with eval_mode(estimator):
-        if estimator.deterministic:
+        if all(each.deterministic for each in estimator):
             (g,) = iter_gradients(model, x, estimator, 1, 1)
             moments.add(g, times=num)
         else:
@@ -206,9 +226,10 @@ def reference_gradient(
 ) -> Reference:
     """The exact gradient if the latent configurations number at most max_configs, else the mean of
     `num_estimates` RLOO(num_samples) estimates (Kool et al. 2019) with its standard error."""
-    exact = Exact(max_configs=max_configs)
     try:
-        exact.check(model.latent)
+        if model.num_configs > max_configs:  # every layer's configurations together
+            raise ConfigError(f"{model.num_configs:.4g} configurations")
+        exact = per_layer(model, Exact(max_configs=max_configs))
     except ConfigError:
         if num_estimates < 2:
             raise ConfigError(f"the RLOO reference needs num_estimates >= 2, got {num_estimates}") from None
@@ -224,9 +245,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_per_estimate(model: VAE, x: Tensor, estimator: Estimator, repeats: int = 5) -> float:
+def time_per_estimate(model: VAE, x: Tensor, estimator: Estimators, repeats: int = 5) -> float:
     """Minimum wall time in seconds of one estimate as training computes it, after one warm-up."""
     params = encoder_parameters(model)
+    estimator = per_layer(model, estimator)
     times = []
     with eval_mode(estimator), torch.enable_grad():
         for i in range(repeats + 1):
@@ -242,7 +264,7 @@ def time_per_estimate(model: VAE, x: Tensor, estimator: Estimator, repeats: int 
 def gradient_diagnostics(
     model: VAE,
     x: Tensor,
-    estimator: Estimator,
+    estimator: Estimators,
     num_estimates: int,
     reference: Reference | None = None,
     name: str | None = None,
@@ -257,12 +279,13 @@ def gradient_diagnostics(
         raise ConfigError(f"the gradient diagnostics need num_estimates >= 2 (a variance), got {num_estimates}")
     if reference is None:
         reference = reference_gradient(model, x, chunk_size=chunk_size, **(reference_options or {}))
+    estimator = per_layer(model, estimator)
     moments = draw(model, x, estimator, num_estimates, shift=reference.grad, chunk_size=chunk_size)
     mean, variance = moments.mean(), moments.variance()
     ref = reference.grad
     cosine = float(torch.nn.functional.cosine_similarity(mean, ref, dim=0))
     return GradientReport(
-        estimator=name or type(estimator).__name__,
+        estimator=name or type(estimator[0]).__name__,
         num_estimates=int(num_estimates),
         mean=mean,
         variance=variance,

@@ -28,7 +28,6 @@ from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.checks import require_bool, require_seed
 from discrete_vae.errors import ConfigError, exit_on_user_error, require_number
 from discrete_vae.estimators import ScoreFunction
-from discrete_vae.latents import Latent
 from discrete_vae.vae import VAE
 
 ESTIMATOR_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
@@ -57,9 +56,10 @@ def validation_batch(cfg: DictConfig, device: torch.device, splits: dict[str, to
     return val[: cfg.batch_size].to(device=device, dtype=torch.float32)
 
 
-def build_estimators(cfg: DictConfig, latent: Latent, device: torch.device):
-    """(name, estimator) for each requested YAML file; estimators whose `check` refuses the latent
-    type (exact over its budget, or a type it does not support) are skipped with a printed note."""
+def build_estimators(cfg: DictConfig, model: VAE, device: torch.device):
+    """(name, estimators) for each requested YAML file, one estimator per stochastic layer (copies for
+    the layers above the first); estimators refused by a layer's latent type (exact over its budget,
+    a type it does not support, a chain too costly) are skipped with a printed note."""
     available = sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
     names = list(cfg.estimators) if cfg.estimators is not None else available
     unknown = [n for n in names if n not in available]
@@ -70,7 +70,7 @@ def build_estimators(cfg: DictConfig, latent: Latent, device: torch.device):
         node = OmegaConf.merge(OmegaConf.load(ESTIMATOR_DIR / f"{name}.yaml"), cfg.estimator_options.get(name, {}))
         estimator = build(node).to(device)
         try:
-            estimator.check(latent)
+            estimators = model.layer_estimators(estimator)
         except ConfigError as err:
             notes.append(f"skipped {name}: {err}")
             print(f"note: skipping estimator {name}: {err}")
@@ -82,31 +82,36 @@ def build_estimators(cfg: DictConfig, latent: Latent, device: torch.device):
                              f"(+estimator_options.{name}.tau_min=null lifts it)")
                 print(f"note: {notes[-1]}")
                 tau = estimator.tau_min
-            estimator.tau.fill_(tau)
-        chosen.append((name, estimator))
+            for each in estimators:
+                each.tau.fill_(tau)
+        chosen.append((name, estimators))
     return chosen, notes
 
 
-def warm_baseline(model: VAE, x: torch.Tensor, estimator: ScoreFunction) -> None:
-    """One training-mode forward: the bias-corrected EMA becomes the batch-mean cost of one draw."""
-    estimator.train()
+def warm_baseline(model: VAE, x: torch.Tensor, estimators: list[ScoreFunction]) -> None:
+    """One training-mode forward: each layer's bias-corrected EMA becomes the batch-mean cost of one draw."""
+    for each in estimators:
+        each.train()
     with torch.no_grad():
-        model.objective(x, estimator)
-    estimator.eval()
+        model.objective(x, estimators)
+    for each in estimators:
+        each.eval()
 
 
-def warm_control_variate(model: VAE, x: torch.Tensor, estimator, steps: int, lr: float = 1e-2) -> None:
-    """`steps` Adam steps of the estimator's own parameters (REBAR's temperature and scale, RELAX's
+def warm_control_variate(model: VAE, x: torch.Tensor, estimators, steps: int, lr: float = 1e-2) -> None:
+    """`steps` Adam steps of the estimators' own parameters (REBAR's temperature and scale, RELAX's
     network too) on their variance gradient at this batch, the model fixed: as they would stand after
     training alongside it, rather than at their initial values."""
-    params = [p for p in estimator.parameters() if p.requires_grad]
+    params = [p for each in estimators for p in each.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
-    estimator.train()
+    for each in estimators:
+        each.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        model.objective(x, estimator).loss.backward(inputs=params)  # the model's gradients are not wanted
+        model.objective(x, estimators).loss.backward(inputs=params)  # the model's gradients are not wanted
         optimizer.step()
-    estimator.eval()
+    for each in estimators:
+        each.eval()
 
 
 def seed_for(cfg: DictConfig, name: str) -> int:
@@ -192,20 +197,21 @@ def study(cfg: DictConfig) -> list[dict]:
     splits = build(cfg.data).load_splits()  # read once: the training mean and the batch
     model, weights = load_model(cfg, device, splits)
     x = validation_batch(cfg, device, splits)
-    estimators, notes = build_estimators(cfg, model.latent, device)
+    estimators, notes = build_estimators(cfg, model, device)
 
     torch.manual_seed(seed_for(cfg, "reference"))
     reference = diagnostics.reference_gradient(model, x, chunk_size=cfg.chunk_size, **cfg.reference)
     print(f"reference: {reference.describe()}")
     rows = []
-    for name, estimator in estimators:
+    for name, layers in estimators:
+        estimator = layers[0]
         torch.manual_seed(seed_for(cfg, name))
         if isinstance(estimator, ScoreFunction) and cfg.warm_baseline:
-            warm_baseline(model, x, estimator)
-        if cfg.warm_control_variate and any(p.requires_grad for p in estimator.parameters()):
-            warm_control_variate(model, x, estimator, int(cfg.warm_control_variate))
+            warm_baseline(model, x, layers)
+        if cfg.warm_control_variate and any(p.requires_grad for each in layers for p in each.parameters()):
+            warm_control_variate(model, x, layers, int(cfg.warm_control_variate))
         report = diagnostics.gradient_diagnostics(
-            model, x, estimator, cfg.num_estimates, reference=reference, name=name,
+            model, x, layers, cfg.num_estimates, reference=reference, name=name,
             chunk_size=cfg.chunk_size, timing_repeats=cfg.timing_repeats,
         )
         tau = f"{float(estimator.tau):g}" if estimator.has_temperature else "-"
@@ -213,7 +219,8 @@ def study(cfg: DictConfig) -> list[dict]:
         print(f"{name}: {report}")
 
     header = [
-        f"model: {model.latent.describe()}, hidden {list(cfg.model.hidden_dims)}; weights: {weights}",
+        f"model: {' / '.join(latent.describe() for latent in model.latents)}, hidden {list(cfg.model.hidden_dims)}; "
+        f"weights: {weights}" + ("; the gradient of the lowest layer's encoder" if len(model.latents) > 1 else ""),
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
         f"gradient of the training loss w.r.t. the encoder parameters",
         f"reference: {reference.describe()}",

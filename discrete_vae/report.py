@@ -443,24 +443,34 @@ class Paper(NamedTuple):
     rows: dict[str, tuple[str, ...]]
 
 
-# Jang, Gu & Poole (2017), Table 1: negative variational lower bounds on the test set with m = 1000
-# samples (their Sec. 4.2), rows "VAE (Cat.)" and "VAE (Bern.)"; so beside our m = 1000 IWAE bound.
-# The preset anneals tau, so our st is the paper's annealed ST as much as its ST.
+# Jang, Gu & Poole (2017), Table 1: bounds on the test set with m = 1000 samples (their Sec. 4), in
+# nats: negative variational lower bounds for the VAEs, -log 1/m sum p(x_lower | h_i) for the SBNs; so
+# beside our m = 1000 bound. The VAE presets anneal tau, so our st is the paper's annealed ST as much as
+# its ST; the SBN presets keep tau = 1, so there our st is its ST.
+JANG_ESTIMATORS = ("SF", "DARN", "MuProp", "ST", "Annealed ST", "Gumbel-S.", "ST Gumbel-S.")
 JANG_ROWS = {"sf": ("SF",), "st": ("ST", "Annealed ST"), "gumbel": ("Gumbel-S.",), "st_gumbel": ("ST Gumbel-S.",)}
+SBN_ROWS = {**JANG_ROWS, "st": ("ST",)}
+JANG_TABLE1 = {  # Table 1's rows, in the paper's order: (our experiment, the paper's numbers)
+    "SBN (Bern.)": ("jang2017_sbn", (72.0, 59.7, 58.9, 58.9, 58.7, 58.5, 59.3)),
+    "SBN (Cat.)": ("jang2017_sbn_categorical", (73.1, 67.9, 63.0, 61.8, 61.1, 59.0, 59.7)),
+    "VAE (Bern.)": ("jang2017_bernoulli", (112.2, 110.9, 109.7, 116.0, 111.5, 105.0, 111.5)),
+    "VAE (Cat.)": ("jang2017", (110.6, 128.8, 107.0, 110.9, 107.8, 101.5, 107.8)),
+}
 # Yin & Zhou (2019), Table 2, static MNIST, test -log p(x) over 5 seeds. Our sf (an EMA baseline) sits
 # between their REINFORCE and NVIL (input-dependent baselines); Concrete is our gumbel on bits.
 ARM_ROWS = {"arm": ("ARM",), "rebar": ("REBAR",), "gumbel": ("Concrete",), "sf": ("REINFORCE", "NVIL")}
 PAPERS = {
-    "jang2017": Paper("paper, Table 1", {"SF": 110.6, "DARN": 128.8, "MuProp": 107.0, "ST": 110.9,
-                                         "Annealed ST": 107.8, "Gumbel-S.": 101.5, "ST Gumbel-S.": 107.8}, JANG_ROWS),
-    "jang2017_bernoulli": Paper("paper, Table 1 (Bern.)", {"SF": 112.2, "DARN": 110.9, "MuProp": 109.7, "ST": 116.0,
-                                                          "Annealed ST": 111.5, "Gumbel-S.": 105.0,
-                                                          "ST Gumbel-S.": 111.5}, JANG_ROWS),
+    **{experiment: Paper("paper, Table 1" if experiment == "jang2017" else f"paper, Table 1 {row}",
+                         dict(zip(JANG_ESTIMATORS, numbers)), SBN_ROWS if "sbn" in experiment else JANG_ROWS)
+       for row, (experiment, numbers) in JANG_TABLE1.items()},
     "arm2019_linear": Paper("ARM, Table 2", {"ARM": 107.2, "REBAR": 107.7, "Concrete": 107.3, "NVIL": 113.1,
                                              "REINFORCE": 164.0}, ARM_ROWS),
     "arm2019_nonlinear": Paper("ARM, Table 2", {"ARM": 98.4, "REBAR": 101.4, "Concrete": 99.6, "NVIL": 102.2,
                                                 "REINFORCE": 114.6}, ARM_ROWS),
+    "arm2019_two_layer": Paper("ARM, Table 2", {"ARM": 96.7, "REBAR": 95.4, "Concrete": 95.6, "NVIL": 99.8,
+                                                "REINFORCE": 159.2}, ARM_ROWS),
 }
+
 
 def _paper(estimator: str, experiment: str = "jang2017") -> str:
     paper = PAPERS.get(experiment)
@@ -564,6 +574,42 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def headline(runs: list[Run], estimator: str) -> tuple[float | None, int, str]:
+    """(mean, n, label) of an estimator's bound in an experiment: the m = 1000 evaluation where its
+    runs have one, else trainer.test's bound; over its longest-trained configuration."""
+    finished = [r for r in runs if r.status == FINISHED and r.estimator == estimator]
+    if not finished:
+        return None, 0, ""
+    most = max(r.record.get("steps") or 0 for r in finished)
+    done = [r for r in finished if (r.record.get("steps") or 0) == most]
+    for key, label in (("eval/nll_iwae", ""), ("test/nll_iwae", "†")):
+        values = [v for r in done if (v := r.metric(key)) is not None]
+        if values:
+            return statistics.fmean(values), len(values), label
+    return None, 0, ""
+
+
+def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
+    """Jang et al. (2017)'s Table 1, its four rows, with ours beside theirs: "ours / theirs" per
+    estimator (mean over seeds of the m = 1000 bound; † where only trainer.test's smaller-m bound
+    exists yet), and our best estimator of any kind in the row."""
+    head = ["model", *JANG_ESTIMATORS, "our best (any estimator)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    for row, (experiment, numbers) in JANG_TABLE1.items():
+        runs = experiments.get(experiment, [])
+        rows = SBN_ROWS if "sbn" in experiment else JANG_ROWS
+        ours = {paper: estimator for estimator, names in rows.items() for paper in names}
+        cells = [f"{row} `{experiment}`"]
+        for paper, theirs in zip(JANG_ESTIMATORS, numbers):
+            mean, n, label = headline(runs, ours[paper]) if paper in ours else (None, 0, "")
+            cells.append(f"{fmt(mean, digits=1)}{label} / {theirs:.1f}")
+        scored = [(m, e, label) for e in sorted({r.estimator for r in runs}) for m, _, label in [headline(runs, e)] if m is not None]
+        best = min(scored) if scored else None
+        cells.append(f"{best[0]:.1f}{best[2]} (`{best[1]}`)" if best else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
     """Rebuild the generated parts of each markdown file (the blocks between <!-- report:NAME -->
     and <!-- /report:NAME -->) and the plots beside the records, from records_root/<experiment>/.
@@ -590,6 +636,7 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)
         summary[folder.name], experiments[folder.name] = rows, runs
     blocks["summary"] = summary_table(experiments)
+    blocks["jang2017-table1"] = jang_table1(experiments)
 
     def fill(match: re.Match) -> str:
         lines = blocks.get(match["name"])

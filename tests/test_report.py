@@ -145,6 +145,7 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
     markdown.write_text("# Results\n\nprose before\n<!-- report:jang2017-table -->\nold table\n"
                         "<!-- /report:jang2017-table -->\nprose after\n<!-- report:jang2017-provenance -->\n"
                         "<!-- /report:jang2017-provenance -->\n")  # fmt: skip
+    markdown.write_text(markdown.read_text() + "<!-- report:jang2017-table1 -->\n<!-- /report:jang2017-table1 -->\n")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- report:summary -->\n<!-- /report:summary -->\nrest\n")
     result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", markdown, readme, cwd=tmp_path)
@@ -162,6 +163,10 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
     assert gumbel["paper, Table 1"] == "101.5 (Gumbel-S.)"  # the paper's Table 1 beside it
     assert row("sf")["paper, Table 1"] == "110.6 (SF)" and row("sf")["steps"] == "1000"
     assert "6 runs, 0.2 h of training" in text
+    # Jang et al.'s Table 1, ours beside theirs: the VAE (Cat.) row from these records, the others empty
+    table1 = [line for line in text.splitlines() if line.startswith("| VAE (Cat.) `jang2017` |")]
+    assert len(table1) == 1 and "/ 101.5 |" in table1[0] and "— / 128.8 |" in table1[0]  # DARN: none here
+    assert "| SBN (Bern.) `jang2017_sbn` | — / 72.0 |" in text
     summary = readme.read_text().splitlines()
     assert summary[0] == "intro" and summary[-1] == "rest"
     assert "| gumbel | 107.0 ± 2.6 (−ELBO, n=3) | 101.5 (Gumbel-S.) |" in summary

@@ -120,7 +120,11 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 # The settings that decide the shapes of the saved state: a checkpoint only fits a model with the
 # same (the whole latent node: its type and every one of its settings).
-ARCHITECTURE_KEYS = ("model.input_dim", "model.hidden_dims", "model.activation", "latent")
+ARCHITECTURE_KEYS = ("model._target_", "model.input_dim", "model.hidden_dims", "model.activation",
+                     "model.activation_args", "model.upper_hidden_dims", "model.split", "latent", "upper_latents")
+# what a key absent from an earlier checkpoint's config meant (it predates the key)
+ARCHITECTURE_DEFAULTS = {"model._target_": "discrete_vae.vae.VAE", "model.activation_args": {},
+                         "model.upper_hidden_dims": [], "upper_latents": []}
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -143,7 +147,8 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: dict[str, Any], path:
     fix = ("Resume with the checkpoint's settings (drop the override), or start a new run "
            "(another hydra.run.dir, or resume=never without ckpt_path).")
     for node in ARCHITECTURE_KEYS:
-        have, want = _leaves(_get(saved, node), node), _leaves(_get(cfg, node), node)
+        default = ARCHITECTURE_DEFAULTS.get(node)
+        have, want = (_leaves(_get(tree, node) if _get(tree, node) is not None else default, node) for tree in (saved, cfg))
         for key in sorted(have.keys() | want.keys()):
             if have.get(key) != want.get(key):
                 raise ConfigError(

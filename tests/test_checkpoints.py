@@ -2,6 +2,7 @@
 wall clock it carries, and the best-checkpoint record across a moved run folder."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,20 @@ def test_restored_paths_stay_inside_the_checkpoint_folder(tmp_path):
     assert callback.best_k_models == {str(here / "best-step10.ckpt"): 2.0}
     assert callback.best_model_path == callback.kth_best_model_path == str(here / "best-step10.ckpt")
     assert callback.last_model_path == ""
+
+
+def test_a_checkpoint_with_other_stochastic_layers_is_refused_and_an_earlier_one_fits():
+    """The fit check names upper_latents and model.upper_hidden_dims too; a checkpoint written before
+    those keys existed (no upper_latents in its config) fits a one-layer config."""
+    from discrete_vae.checkpoints import check_checkpoint_fits
+    from discrete_vae.errors import ConfigError
+
+    bits = {"_target_": "discrete_vae.latents.Bernoulli", "num_latents": 8, "prior": "uniform"}
+    base = {"model": {"_target_": "discrete_vae.vae.VAE", "input_dim": 784, "hidden_dims": [16], "activation": "ReLU",
+                      "activation_args": {}, "upper_hidden_dims": []},
+            "latent": bits, "upper_latents": [bits], "estimator": {"_target_": "discrete_vae.estimators.ARM"}}
+    other = {**base, "upper_latents": [{**bits, "num_latents": 4}]}
+    with pytest.raises(ConfigError, match="upper_latents=.*'num_latents': 8.*the config says.*'num_latents': 4"):
+        check_checkpoint_fits({"config": base}, other, Path("x.ckpt"), {})
+    earlier = {"config": {**base, "upper_latents": None, "model": {"input_dim": 784, "hidden_dims": [16], "activation": "ReLU"}}}
+    check_checkpoint_fits(earlier, {**base, "upper_latents": []}, Path("x.ckpt"), {})

@@ -34,7 +34,7 @@ def time_steps(model, x, steps: int, warmup: int) -> float:
             sync()
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        model.vae.objective(x, model.estimator).loss.backward()
+        model.vae.objective(x, model.estimators).loss.backward()
         optimizer.step()
     sync()
     return (time.perf_counter() - start) / steps

@@ -82,7 +82,7 @@ def plain_epoch_loop(model, train, val, epochs, optimizer, batches) -> None:
         model.train()
         for x in batches(train):
             optimizer.zero_grad(set_to_none=True)
-            model.vae.objective(x, model.estimator).loss.backward()
+            model.vae.objective(x, model.estimators).loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():

@@ -107,20 +107,53 @@ class StochasticChain(nn.Module):
         latent = self.latents[level]
         rows = logits.shape[0]
 
+        shape = latent.param_shape
+
+        def above(z: Tensor) -> Tensor:  # (*S, R, *shape) -> (*S, R): the layers above, given z
+            lead = tuple(z.shape[: z.dim() - len(shape) - 1])
+            z = z.reshape(-1, *shape)  # every (sample, row) its own draws above
+            loss, _, analytic = self.layer_terms(
+                level + 1, self.encode_above(level, z), self.context_above(level, z, context, lead), estimators
+            )
+            return (loss + analytic).reshape(*lead, rows)
+
         def cost(z: Tensor) -> Tensor:  # (*S, R', *shape) -> (*S, R)
             here = self.local_cost(level, z, context)
             if level + 1 == len(self.latents):
                 return here
-            shape = latent.param_shape
             lead = tuple(z.shape[: z.dim() - len(shape)])[:-1]  # (*S)
-            z = z.expand(*lead, rows, *shape).reshape(-1, *shape)  # every (sample, row) its own draws above
-            loss, _, analytic = self.layer_terms(
-                level + 1, self.encode_above(level, z), self.context_above(level, z, context, lead), estimators
-            )
-            return here + (loss + analytic).reshape(*lead, rows)
+            z = z.expand(*lead, rows, *shape)  # a configuration shared by the batch: one per row
+            if not (estimators[level].shares_noise_above and len(lead) == 1):
+                return here + above(z)
+            # the layers above draw the same noise for each of the S evaluations (REBAR's f(b),
+            # f(sigma(z)), f(sigma(z~))): common random numbers, the papers' multi-layer form
+            with common_random_numbers(z.device) as again:
+                parts = [again() or above(z[i]) for i in range(lead[0])]
+            return here + torch.stack(parts)
 
         out = estimators[level](logits, cost, latent)
         return out.loss, out.value, self.analytic(level, logits)
+
+
+class common_random_numbers:
+    """Inside, `again()` puts the random number generators (the CPU's and the device's) back to where
+    they were on entry, so that what follows draws the same noise as the first draw after entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return self.again
+
+    def again(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def expand_rows(context: Tensor, lead: tuple[int, ...]) -> Tensor:

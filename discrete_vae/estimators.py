@@ -53,6 +53,8 @@ class Estimator(nn.Module):
     deterministic: bool = False  # the estimate has no noise (exact enumeration)
     has_temperature: bool = False  # keeps a `tau` buffer for the annealing callback
     latent_types: tuple[str, ...] = ("categorical",)  # Latent.name values supported, or ANY_LATENT
+    shares_noise_above: bool = False  # in a chain, the layers above draw the same noise for each of
+    # the samples this estimator evaluates at once (discrete_vae.chain): REBAR's and RELAX's form
 
     def check(self, latent: Latent) -> None:
         """Validate against the model's latent type at start-up; raise ConfigError if unusable."""
@@ -524,10 +526,14 @@ class REBAR(Estimator):
     checkpoint with the model. Only in training mode with gradients on; elsewhere theta is fixed.
 
     The decoder gets the gradient of f(b) alone; the reported value is f(b). Three decoder
-    evaluations per example: b, sigma(z), sigma(z~) (in one call).
+    evaluations per example: b, sigma(z), sigma(z~) (in one call). In a chain of stochastic layers
+    (discrete_vae.chain) the layers above draw the same noise for the three (`shares_noise_above`):
+    the control variate then follows f through them as in the papers' multi-layer form (Tucker et
+    al. 2017, App.; Grathwohl et al. 2018), which keeps it correlated with f(b).
     """
 
     latent_types = ("categorical", "bernoulli")
+    shares_noise_above = True  # f(b), f(sigma(z)), f(sigma(z~)) with the same noise in the layers above
 
     def __init__(self, tau: float = 0.5, scale: float = 1.0, learn: bool = True):
         super().__init__()

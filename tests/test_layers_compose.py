@@ -93,3 +93,38 @@ def test_an_unbiased_estimator_on_both_layers_is_unbiased_for_both(make):
     assert_mean_matches(samples[:, moving], exact[moving], z=5.0)
     with pytest.raises(AssertionError):
         assert_mean_matches(samples[:, moving], exact[moving] + 0.05, z=5.0)
+
+
+class Record(E.Estimator):
+    """A stand-in for the layer above that records its first uniform draw per call."""
+
+    latent_types = E.ANY_LATENT
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, logits, cost, latent):
+        self.seen.append(torch.rand(logits.shape[0], dtype=logits.dtype))
+        f = cost(latent.sample(logits))
+        return E.EstimatorOutput(f, f)
+
+
+@pytest.mark.parametrize("make, shared", [(E.REBAR, True), (E.RELAX, True), (E.ARM, False), (lambda: E.RLOO(3), False)],
+                         ids=["rebar", "relax", "arm", "rloo"])
+def test_rebar_and_relax_evaluate_the_layers_above_with_common_noise(make, shared):
+    """REBAR's f(b), f(sigma(z)) and f(sigma(z~)) see the same noise in the layers above (its multi-layer
+    form); the others' samples are independent draws and see independent noise above."""
+    from discrete_vae.vae import VAE
+
+    torch.manual_seed(0)
+    model = VAE(Bernoulli(2), input_dim=D, hidden_dims=[], upper_latents=[Bernoulli(2)]).double()
+    seen: list[torch.Tensor] = []
+    lowest = make().double()
+    lowest.check(model.latent)
+    x = (torch.rand(5, D) < 0.5).double()
+    model.objective(x, [lowest.train(), Record(seen)]).loss.backward()
+    if shared:
+        assert len(seen) == 3 and all(torch.equal(seen[0], s) for s in seen[1:])
+    else:
+        assert len(seen) == 1 and len(seen[0]) == 5 * lowest.decoder_evaluations(model.latent)

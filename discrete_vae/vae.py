@@ -8,6 +8,10 @@ E_q[-log p(x|z)] plus the analytic KL(q(z|x) || p(z)) (Kingma & Welling 2014, Eq
 every caller differentiates. The estimator is an argument, not a part: one model can be
 compared under many estimators (scripts/gradient_study.py), and the LightningModule
 (discrete_vae.module) holds the one it trains with.
+
+With `upper_latents` the VAE has several stochastic layers (Yin & Zhou 2019's two-layer model):
+it is then a chain (discrete_vae.chain), each layer with its own estimator, and one stochastic
+layer is the chain of length one, by the same code.
 """
 
 from __future__ import annotations

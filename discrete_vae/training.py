@@ -341,7 +341,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     if trainer.interrupted:  # a Lightning that returns instead
         stopped_by_signal(trainer, resumed_step, "SIGINT (Ctrl-C)", SIGINT_EXIT)
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
-    metrics = {"val/neg_elbo": _scalar(trainer.callback_metrics.get("val/neg_elbo"))}
+    final_val = trainer.callback_metrics.get("val/neg_elbo")
+    if final_val is None:  # resumed from the checkpoint written after the final validation: none ran here
+        final_val = getattr(best_checkpoint(trainer), "current_score", None)
+    metrics = {"val/neg_elbo": _scalar(final_val)}
     if cfg.get("test", True):
         if not best:
             log.warning("no best checkpoint (no validation ran): testing the final weights")

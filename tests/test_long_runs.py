@@ -316,3 +316,16 @@ def test_resume_never_sets_the_earlier_attempt_aside(trained, data_root, tmp_pat
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == names
     assert checkpoint_names(run) == names, "the new run's own files, no last-v1.ckpt beside an old last.ckpt"
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_a_run_killed_during_its_test_resumes_to_the_same_record(straight, data_root, tmp_path):
+    """Killed after its last checkpoint (written after the final validation) and before its record,
+    say during the test: the resumed process trains nothing and validates nothing, and its record
+    still has the final val/neg_elbo, restored from the checkpoint (Lightning restores no metric)."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "metrics.json").unlink()
+    proc = train([*SHORT, f"hydra.run.dir={run}"], data_root, tmp_path)
+    assert "(step 30)" in proc.stdout
+    before, after = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    assert after["metrics"] == before["metrics"] and after["metrics"]["val/neg_elbo"] is not None

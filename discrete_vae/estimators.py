@@ -237,7 +237,7 @@ class GumbelRao(TemperatureEstimator):
         self.num_mc = int(num_mc)
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        hard = latent.harden(latent.perturb(logits.detach()))  # (B, *param_shape)
+        hard = latent.sample(logits)  # (B, *param_shape), no gradient
         with torch.no_grad():
             noise = latent.conditional_perturb(logits, hard, (self.num_mc,)) - logits  # (M, B, *param_shape)
         soft = latent.soften(logits + noise, self.tau).mean(0)  # (B, *param_shape)

@@ -9,11 +9,10 @@ conf/latent/); it owns
 - `kl` / `prior_log_prob` / `prior_sample`: the prior p(z), with the analytic KL(q || p);
 - `num_configs` / `enumerate`: every z in a fixed order, for exact enumeration;
 - `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width;
-- `relaxed_sample` / `straight_through_sample`: its continuous relaxation and its straight-through
-  sample, for the relaxed estimators (Gumbel-Softmax on categories, the binary Concrete on bits);
 - `perturb` / `harden` / `conditional_perturb` / `soften`: the reparameterised noisy logits z
   whose argmax or sign is the sample, z given the sample, and the relaxation of z (REBAR, RELAX,
-  Gumbel-Rao);
+  Gumbel-Rao); from them the base class derives `relaxed_sample` and `straight_through_sample`
+  (Gumbel-Softmax and straight-through on categories, the binary Concrete and its forms on bits);
 - `categorical_view` / `from_categorical` / `categorical_shape`: the latents as categorical
   variables (a bit is two categories), for the estimators written on categories (ReinMax, GST,
   ZGR, IndeCateR).
@@ -86,14 +85,18 @@ class Latent(nn.Module):
         """Configurations [start, end) of the `num_configs`, in a fixed order.  # (C, *param_shape)"""
         raise NotImplementedError
 
-    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:  # pragma: no cover
-        """The reparameterised relaxation of a sample at temperature tau; with `hard`, forward the exact
-        sample and backward through the relaxation, with the same noise."""
-        raise NotImplementedError
+    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
+        """The reparameterised relaxation soften(perturb(logits), tau) (Gumbel-Softmax, Jang et al. 2017,
+        Eq. 1; the binary Concrete on bits, Maddison et al. 2017, Sec. 3.3); with `hard`, forward the
+        exact sample harden(z) and backward through the relaxation, the same noise (Jang et al., Sec. 2.2)."""
+        z = self.perturb(logits)  # (B, *param_shape)
+        soft = self.soften(z, tau)
+        return sampling.straight_through(self.harden(z), soft) if hard else soft
 
-    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:  # pragma: no cover
-        """Forward an exact sample, backward through the noise-free relaxation at temperature tau."""
-        raise NotImplementedError
+    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
+        """Forward an exact sample, backward through the noise-free relaxation soften(logits, tau)
+        (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4)."""
+        return sampling.straight_through(self.sample(logits), self.soften(logits, tau))
 
     def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
         """Reparameterised noisy logits z (logits + noise, differentiable in logits) whose `harden` is an
@@ -175,12 +178,6 @@ class Categorical(Latent):
 
     def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
         return sampling.enumerate_one_hot(self.num_latents, self.num_categories, start, end, device=device, dtype=dtype)
-
-    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
-        return sampling.gumbel_softmax(logits, tau, hard=hard)  # Jang et al. 2017, Eq. 1 / Sec. 2.2
-
-    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
-        return sampling.categorical_straight_through(logits, tau)
 
     def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
         return sampling.gumbel_scores(logits, sample_shape, generator)  # logits + Gumbel
@@ -266,12 +263,6 @@ class Bernoulli(Latent):
 
     def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:
         return sampling.enumerate_bits(self.num_latents, start, end, device=device, dtype=dtype)
-
-    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
-        return sampling.binary_concrete(logits, tau, hard=hard)  # Maddison et al. 2017, Sec. 3.3
-
-    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
-        return sampling.bernoulli_straight_through(logits, tau)
 
     def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:
         return sampling.logistic_scores(logits, sample_shape, generator)  # phi + logistic

@@ -79,7 +79,7 @@ def gumbel_max(logits: torch.Tensor, sample_shape: Size = (), generator=None) ->
     argmax(logits + g) ~ Cat(softmax(logits)). No gradient flows through it.
     """
     with torch.no_grad():
-        return one_hot_argmax(logits + _gumbel_like(logits, sample_shape, generator))
+        return one_hot_argmax(gumbel_scores(logits, sample_shape, generator))
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def gumbel_softmax(
     With `hard=True`, the straight-through Gumbel-Softmax (Jang et al. 2017, Sec. 2.2):
     forward onehot(argmax(logits + g)), backward through the soft sample, same noise g.
     """
-    perturbed = logits + _gumbel_like(logits, sample_shape, generator)  # (*S, ..., K)
+    perturbed = gumbel_scores(logits, sample_shape, generator)  # (*S, ..., K)
     soft = torch.softmax(perturbed / tau, dim=-1)
     if not hard:
         return soft
@@ -267,7 +267,7 @@ def bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None) -> 
     """Exact Bernoulli(sigmoid(logits)) sample, as 0./1. in the dtype of `logits`: 1[logits + L > 0],
     L standard logistic (P(L > -phi) = sigmoid(phi)). No gradient flows through it."""
     with torch.no_grad():
-        return (logits + _logistic_like(logits, sample_shape, generator) > 0).to(logits.dtype)
+        return (logistic_scores(logits, sample_shape, generator) > 0).to(logits.dtype)
 
 
 def antithetic_bernoulli(logits: torch.Tensor, sample_shape: Size = (), generator=None):
@@ -290,30 +290,6 @@ def enumerate_bits(num_latents: int, start: int = 0, end: int | None = None, *, 
     index = torch.arange(start, end, device=device)  # (C,)
     shifts = torch.arange(num_latents - 1, -1, -1, device=device)  # (N,)
     return ((index[:, None] >> shifts) & 1).to(dtype)
-
-
-def binary_concrete(
-    logits: torch.Tensor, tau: float | torch.Tensor, sample_shape: Size = (), hard: bool = False, generator=None
-) -> torch.Tensor:
-    """Binary Concrete / relaxed Bernoulli sample y = sigmoid((logits + L) / tau), L standard
-    logistic (Maddison et al. 2017, Sec. 3.3 and App. B; the two-category Gumbel-Softmax of
-    Jang et al. 2017, whose "VAE Bern." row uses it). Differentiable in `logits`.
-
-    With `hard=True`, straight-through: forward 1[logits + L > 0], an exact Bernoulli sample,
-    backward through the soft sample, same noise L."""
-    perturbed = logits + _logistic_like(logits, sample_shape, generator)  # (*S, ..., N)
-    soft = torch.sigmoid(perturbed / tau)
-    if not hard:
-        return soft
-    return straight_through((perturbed.detach() > 0).to(soft.dtype), soft)
-
-
-def bernoulli_straight_through(
-    logits: torch.Tensor, tau: float | torch.Tensor, sample_shape: Size = (), generator=None
-) -> torch.Tensor:
-    """Straight-through Bernoulli sample (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4):
-    forward z ~ Bernoulli(sigmoid(logits)), backward through sigmoid(logits / tau), no noise."""
-    return straight_through(bernoulli(logits, sample_shape, generator), torch.sigmoid(logits / tau))
 
 
 def conditional_logistic_scores(

@@ -61,7 +61,7 @@ class TemperatureAnnealing(L.Callback):
         return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate, self.interval)
 
     def _set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for estimator in getattr(pl_module, "estimators", [pl_module.estimator]):  # every stochastic layer's
+        for estimator in pl_module.estimators:  # every stochastic layer's
             if estimator.has_temperature:
                 estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
 
@@ -165,7 +165,7 @@ class GradientStats(L.Callback):
             if self.batch is None:
                 self.batch = self._held_out_batch(trainer, device)
             report = gradient_diagnostics(
-                pl_module.vae, self.batch, getattr(pl_module, "estimators", pl_module.estimator), self.num_estimates,
+                pl_module.vae, self.batch, pl_module.estimators, self.num_estimates,
                 chunk_size=self.chunk_size, timing_repeats=0, reference_options=self.reference_options,
             )
         self.last_report = report

@@ -12,11 +12,13 @@ RLOO, ARM, DisARM, REBAR, RELAX, IndeCateR) is defined for multi-layer networks 
 layer above is computed from the relaxed or straight-through sample. A single stochastic layer is
 the chain of length one: the same code, with nothing above.
 
-A model (discrete_vae.vae.VAE, discrete_vae.sbn.SBN) says what its chain is: its `latents`, how
-layer l+1's logits come from layer l's samples (`encode_above`), the cost local to layer l
-(`local_cost`: for a VAE -log p(x|z1), then -log p(z_l | z_{l+1}); for an SBN the likelihood of
-the output at the top), what that cost needs to see from below (`context_above`), and the analytic
-part of each layer's term (`analytic`).
+A model (discrete_vae.vae.VAE, discrete_vae.sbn.SBN) holds its lowest layer's latent type as
+`latent` and the layers above as `upper` (`Layer`s), and says what its chain costs: the cost
+local to layer l (`local_cost`: for a VAE -log p(x|z1), then -log p(z_l | z_{l+1}); for an SBN
+the likelihood of the output at the top), what that cost needs to see from below
+(`context_above`), the analytic part of each layer's term (`analytic`), and what layer 1's cost
+sees of the input (`terms`). The objective, the hard-sample bound and the draws through the
+layers are written here, once.
 """
 
 from __future__ import annotations
@@ -24,27 +26,75 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from discrete_vae.errors import ConfigError
-from discrete_vae.estimators import Estimator
+from discrete_vae.estimators import ANY_LATENT, CostFn, Estimator, EstimatorOutput
 from discrete_vae.latents import Latent
+from discrete_vae.networks import Encoder
 
 MAX_CHAIN_EVALUATIONS = 4096  # decoder evaluations per example of all layers' estimators together
+
+
+class Objective(NamedTuple):
+    loss: Tensor  # scalar surrogate being minimised
+    neg_elbo: Tensor  # scalar, nats per image
+    recon: Tensor  # scalar: the sampled part
+    kl: Tensor  # scalar: the analytic part
+
+
+class Layer(nn.Module):
+    """A stochastic layer above the first: its latent type, the network of its distribution given the
+    layer below's sample (its `encoder`: q(z_l | z_{l-1}) in a VAE, p(h_l | h_{l-1}) in an SBN) and,
+    with `prior`, that of p(z_{l-1} | z_l) (its `decoder`, the logits of the layer below; a VAE's
+    generative path). MLPs with `hidden_dims` between them (none: linear maps, as the two-layer models
+    of Yin & Zhou 2019 and Jang et al. 2017's SBNs)."""
+
+    def __init__(self, latent: Latent, below: Latent, hidden_dims: Sequence[int], activation: str,
+                 activation_args: dict | None = None, prior: bool = True):
+        super().__init__()
+        self.latent = latent
+        self.encoder = Encoder(below.decoder_dim, hidden_dims, latent.param_shape, activation, activation_args)
+        if prior:
+            self.decoder = Encoder(latent.decoder_dim, list(reversed(hidden_dims)), below.param_shape, activation,
+                                   activation_args)
+
+
+class HardSample(Estimator):
+    """Not a gradient estimator: the cost at one exact sample z ~ q (the latent type's `sample`, from
+    `generator`), for reporting the bound at hard samples (validation, test) through every layer."""
+
+    latent_types = ANY_LATENT
+
+    def __init__(self, generator: torch.Generator | None = None):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
+        f = cost(latent.sample(logits, generator=self.generator))
+        return EstimatorOutput(f, f)
 
 
 class StochasticChain(nn.Module):
     """Base class of models with a chain of stochastic layers (see the module docstring)."""
 
-    @property
-    def latents(self) -> list[Latent]:  # pragma: no cover - every model defines it
-        """The stochastic layers' latent types, lowest first."""
-        raise NotImplementedError
+    latent: Latent  # the lowest layer's
+    upper: nn.ModuleList  # the `Layer`s above it, lowest first
 
-    def encode_above(self, level: int, z: Tensor) -> Tensor:  # pragma: no cover
-        """Layer level+1's logits from layer `level`'s samples.  # (R, *shape) -> (R, *shape above)"""
+    @property
+    def latents(self) -> list[Latent]:
+        """The stochastic layers' latent types, lowest first."""
+        return [self.latent, *(layer.latent for layer in self.upper)]
+
+    def encode_above(self, level: int, z: Tensor) -> Tensor:
+        """Layer level+1's logits from layer `level`'s samples.  # (..., *shape) -> (..., *shape above)"""
+        return self.upper[level].encoder(self.latents[level].decoder_input(z))
+
+    def terms(self, x: Tensor, estimators: Sequence[Estimator], logits: Tensor | None = None):  # pragma: no cover
+        """Per example: (loss, value, analytic), `layer_terms` from the lowest layer given x.  # (B,) each"""
         raise NotImplementedError
 
     def local_cost(self, level: int, z: Tensor, context: Tensor) -> Tensor | float:  # pragma: no cover
@@ -56,9 +106,42 @@ class StochasticChain(nn.Module):
         # z (R, *shape), context (rows, ...) -> (R, ...)"""
         raise NotImplementedError
 
-    def analytic(self, level: int, logits: Tensor) -> Tensor | float:  # pragma: no cover
-        """The analytic part of layer `level`'s term given its parent.  # (R, *shape) -> (R,), or 0."""
+    def analytic(self, level: int, logits: Tensor) -> Tensor:  # pragma: no cover
+        """The analytic part of layer `level`'s term given its parent.  # (R, *shape) -> (R,)"""
         raise NotImplementedError
+
+    # -- what every chain answers alike ----------------------------------------------------------------
+    def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
+        """The training objective: the estimators' surrogate of the sampled part plus the analytic part,
+        batch means (a one-layer VAE: E_q[-log p(x|z)] plus the analytic KL, Kingma & Welling 2014,
+        Eq. 7). Its `loss`'s gradient is the estimate; `neg_elbo` is the value it reports. `estimator`:
+        one per stochastic layer (`layer_estimators`), or one for a model of one layer. `logits`
+        (B, *param_shape), when given, stand for `encode(x)` (the diagnostics replicate them)."""
+        loss, value, analytic = self.terms(x, self.as_estimators(estimator), logits)  # (B,) each
+        return Objective(loss=(loss + analytic).mean(), neg_elbo=(value + analytic).mean(),
+                         recon=value.mean(), kl=analytic.mean())
+
+    def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The bound at hard samples, one per stochastic layer (z1 ~ q(z1|x), then z2 ~ q(z2|z1), ...),
+        with each layer's analytic term (a one-layer VAE: -log p(x|z) + KL).  # (B,)"""
+        _, value, analytic = self.terms(x, [HardSample(generator)] * len(self.latents))
+        return value + analytic
+
+    def exact_nll(self, x: Tensor, max_rows: int) -> Tensor:  # pragma: no cover
+        """The exact negative log-likelihood, summing over every configuration of every layer (the
+        caller checks the budget: discrete_vae.evaluation.exact_nll).  # x (B, D) -> (B,)"""
+        raise NotImplementedError
+
+    def sample_layers(self, logits: Tensor, num: int, generator: torch.Generator | None = None):
+        """`num` draws through every layer: [(logits_l, z_l)], lowest first; the lowest layer's logits are
+        as given, those above are computed from the draws below.  # logits (B, ...) -> z_l (num, B, ...)"""
+        z = self.latent.sample(logits, (num,), generator=generator)
+        drawn = [(logits, z)]
+        for level, layer in enumerate(self.upper):
+            logits = self.encode_above(level, z)
+            z = layer.latent.sample(logits, generator=generator)
+            drawn.append((logits, z))
+        return drawn
 
     @property
     def num_configs(self) -> int:
@@ -154,6 +237,13 @@ class common_random_numbers:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def chunk_size(batch: int, max_rows: int) -> int:
+    """Samples or configurations per chunk so that a chunk holds at most `max_rows` (sample, example) rows."""
+    if max_rows < 1:
+        raise ConfigError(f"max_rows must be a positive integer, got {max_rows}")
+    return max(1, max_rows // max(batch, 1))
 
 
 def expand_rows(context: Tensor, lead: tuple[int, ...]) -> Tensor:

@@ -304,8 +304,7 @@ class _FollowsItsFolder(ModelCheckpoint):
         super().load_state_dict(state_dict)
         # the last monitored value, which Lightning saves and does not restore: a run resumed from the
         # checkpoint written after its final validation runs none, and its record reads it here
-        current = state_dict.get("current_score")
-        self.current_score = current if isinstance(current, torch.Tensor) or current is None else torch.tensor(float(current))
+        self.current_score = state_dict.get("current_score")
 
     def _confined(self, state: dict, here: Path) -> dict:
         old = Path(state["dirpath"]) if isinstance(state.get("dirpath"), str) and state["dirpath"] else here

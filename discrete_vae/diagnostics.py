@@ -113,9 +113,9 @@ def encoder_parameters(model: VAE) -> list[Tensor]:
 
 
 def per_layer(model: VAE, estimator: Estimators) -> list[Estimator]:
-    """One estimator per stochastic layer: a list as given, or one estimator with a copy for each
-    layer above (`StochasticChain.layer_estimators`)."""
-    return model.layer_estimators(estimator)
+    """One estimator per stochastic layer: a sequence as given (the caller's, already checked), or one
+    estimator with a copy for each layer above, made and checked once (`StochasticChain.layer_estimators`)."""
+    return model.layer_estimators(estimator) if isinstance(estimator, Estimator) else list(estimator)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from discrete_vae.errors import ConfigError
+from discrete_vae.chain import chunk_size
 from discrete_vae.vae import VAE
 
 # (sample or configuration, image) rows per chunk: each chunk holds a few tensors of
@@ -41,12 +42,6 @@ DEFAULT_MAX_ROWS = 32_768
 class Bounds(NamedTuple):
     neg_elbo: Tensor  # (B,) nats
     nll_iwae: Tensor  # (B,) nats
-
-
-def _chunk_size(batch: int, max_rows: int) -> int:
-    if max_rows < 1:
-        raise ConfigError(f"max_rows must be a positive integer, got {max_rows}")
-    return max(1, max_rows // max(batch, 1))
 
 
 @torch.no_grad()
@@ -71,7 +66,7 @@ def sample_bounds(
         raise ConfigError(f"the number of samples per image must be a positive integer, got {num_samples}")
     logits = model.encode(x)  # (B, *param_shape)
     B = logits.shape[0]
-    chunk = _chunk_size(B, max_rows)
+    chunk = chunk_size(B, max_rows)
     lse = logits.new_full((B,), -math.inf)  # running logsumexp of log w
     term_sum = logits.new_zeros(B)
     for start in range(0, num_samples, chunk):
@@ -104,23 +99,11 @@ def check_exact(model: VAE, max_configs: int) -> None:
 
 @torch.no_grad()
 def exact_nll(model: VAE, x: Tensor, max_configs: int = 4096, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
-    """-log p(x) = -log sum_c p(c) p(x|c) over all configurations c of the latent type (p(c) summed over
-    the layers above, when there are: VAE.prior_log_prob).  # x (B, D) -> (B,)
-
-    -log p(x) = -logsumexp_c(log p(c) - cost(c, x)). Configurations come `chunk` at a time from
-    the latent type's `enumerate`; raises ConfigError over budget.
-    """
-    if not isinstance(model, VAE):  # another chain (discrete_vae.sbn.SBN): its own sum
-        return model.exact_nll(x, max_configs)
+    """-log p(x), summing over every configuration of every stochastic layer (the model's `exact_nll`:
+    a VAE's -log sum_c p(c) p(x|c), an SBN's -log p(x_lower | x_upper)), `max_rows` (configuration,
+    image) rows at a time; raises ConfigError over the budget `max_configs`.  # x (B, D) -> (B,)"""
     check_exact(model, max_configs)
-    B = x.shape[0]
-    chunk = _chunk_size(B, max_rows)
-    lse = x.new_full((B,), -math.inf)
-    for start in range(0, model.latent.num_configs, chunk):
-        configs = model.latent.enumerate(start, start + chunk, device=x.device, dtype=x.dtype)  # (C, *param_shape)
-        log_joint = model.prior_log_prob(configs)[:, None] - model.cost(configs[:, None], x)  # (C, B)
-        lse = torch.logaddexp(lse, torch.logsumexp(log_joint, dim=0))
-    return -lse
+    return model.exact_nll(x, max_rows)
 
 
 def evaluate(

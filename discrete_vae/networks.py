@@ -31,6 +31,8 @@ def activation_class(name: str) -> type[nn.Module]:
 
 def make_activation(name: str, args: Mapping[str, Any] | None = None) -> nn.Module:
     """`activation_class(name)(**args)`, e.g. ("LeakyReLU", {"negative_slope": 0.3}), with a clear error."""
+    if args is not None and not isinstance(args, Mapping):
+        raise ConfigError(f"model.activation_args must be a mapping such as {{negative_slope: 0.3}}, got {args!r}")
     args = dict(args or {})
     try:
         return activation_class(name)(**args)

@@ -547,14 +547,9 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
 
     def cell(name: str, estimator: str) -> str:
         finished = [r for r in experiments[name] if r.status == FINISHED]
-        configs = {r.config for r in finished if r.estimator == estimator}
-        if not configs:
+        done = headline_runs(finished, estimator)
+        if not done:
             return "—"
-        # one configuration per cell, never an average over several: the longest-trained, then the
-        # most seeds, then the first by name (sorted: the same cell on every rebuild)
-        best = max(sorted(configs), key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
-                                           sum(r.config == c for r in finished)))
-        done = [r for r in finished if r.config == best]
         steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget
         own = sorted({r.record.get("steps") or 0 for r in done})
         budget = "" if own == [steps] else f", {' / '.join(f'{n:,}' for n in own)} steps"  # a reduced budget, stated
@@ -574,19 +569,27 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def headline(runs: list[Run], estimator: str) -> tuple[float | None, int, str]:
-    """(mean, n, label) of an estimator's bound in an experiment: the m = 1000 evaluation where its
-    runs have one, else trainer.test's bound; over its longest-trained configuration."""
-    finished = [r for r in runs if r.status == FINISHED and r.estimator == estimator]
-    if not finished:
-        return None, 0, ""
-    most = max(r.record.get("steps") or 0 for r in finished)
-    done = [r for r in finished if (r.record.get("steps") or 0) == most]
+def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
+    """The finished runs that stand for an estimator in an experiment: one configuration, never an
+    average over several: the longest-trained, then the one with the most seeds, then the first by
+    name (sorted: the same on every rebuild). Empty when it has none."""
+    configs = {r.config for r in finished if r.estimator == estimator}
+    if not configs:
+        return []
+    best = max(sorted(configs), key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
+                                       sum(r.config == c for r in finished)))
+    return [r for r in finished if r.config == best]
+
+
+def headline(runs: list[Run], estimator: str) -> tuple[float | None, str]:
+    """(mean, label) of an estimator's bound in an experiment (`headline_runs`): the m = 1000
+    evaluation where its runs have one, else trainer.test's bound, labelled †."""
+    done = headline_runs([r for r in runs if r.status == FINISHED], estimator)
     for key, label in (("eval/nll_iwae", ""), ("test/nll_iwae", "†")):
         values = [v for r in done if (v := r.metric(key)) is not None]
         if values:
-            return statistics.fmean(values), len(values), label
-    return None, 0, ""
+            return statistics.fmean(values), label
+    return None, ""
 
 
 def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
@@ -597,13 +600,12 @@ def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
     for row, (experiment, numbers) in JANG_TABLE1.items():
         runs = experiments.get(experiment, [])
-        rows = SBN_ROWS if "sbn" in experiment else JANG_ROWS
-        ours = {paper: estimator for estimator, names in rows.items() for paper in names}
+        ours = {paper: estimator for estimator, names in PAPERS[experiment].rows.items() for paper in names}
         cells = [f"{row} `{experiment}`"]
         for paper, theirs in zip(JANG_ESTIMATORS, numbers):
-            mean, n, label = headline(runs, ours[paper]) if paper in ours else (None, 0, "")
+            mean, label = headline(runs, ours[paper]) if paper in ours else (None, "")
             cells.append(f"{fmt(mean, digits=1)}{label} / {theirs:.1f}")
-        scored = [(m, e, label) for e in sorted({r.estimator for r in runs}) for m, _, label in [headline(runs, e)] if m is not None]
+        scored = [(m, e, label) for e in sorted({r.estimator for r in runs}) for m, label in [headline(runs, e)] if m is not None]
         best = min(scored) if scored else None
         cells.append(f"{best[0]:.1f}{best[2]} (`{best[1]}`)" if best else "—")
         lines.append("| " + " | ".join(cells) + " |")

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from discrete_vae.chain import StochasticChain, expand_rows
+from discrete_vae.chain import Layer, StochasticChain, expand_rows
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Decoder, Encoder
-from discrete_vae.vae import MEAN_CLAMP, OUTPUT_BIAS_INITS, HardSample, Layer, Objective
+from discrete_vae.vae import MEAN_CLAMP, OUTPUT_BIAS_INITS
 
 
 class SBN(StochasticChain):
@@ -62,17 +62,13 @@ class SBN(StochasticChain):
         latents = [latent, *upper_latents]
         self.encoder = Encoder(self.split, hidden_dims, latent.param_shape, activation, activation_args)  # p(h1 | x_upper)
         self.upper = nn.ModuleList(
-            Layer(above, below, upper_hidden_dims, activation, activation_args)  # its encoder: p(h_l | h_{l-1})
+            Layer(above, below, upper_hidden_dims, activation, activation_args, prior=False)  # p(h_l | h_{l-1})
             for below, above in zip(latents[:-1], latents[1:])
         )
         self.decoder = Decoder(input_dim - self.split, hidden_dims, latents[-1].decoder_dim, activation,
                                activation_args)  # p(x_lower | hL)
         self.output_bias_init = output_bias_init
         self.output_bias_pending = output_bias_init == "data_mean"
-
-    @property
-    def latents(self) -> list[Latent]:
-        return [self.latent, *(layer.latent for layer in self.upper)]
 
     def halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x_upper, x_lower).  # (B, D) -> (B, split), (B, D - split)"""
@@ -82,9 +78,6 @@ class SBN(StochasticChain):
     def encode(self, x: Tensor) -> Tensor:
         """p(h1 | x_upper)'s logits.  # (B, D) -> (B, *param_shape)"""
         return self.encoder(self.halves(x)[0])
-
-    def encode_above(self, level: int, z: Tensor) -> Tensor:
-        return self.upper[level].encoder(self.latents[level].decoder_input(z))
 
     def output_cost(self, z: Tensor, lower: Tensor) -> Tensor:
         """-log p(x_lower | hL).  # z (*S, R', *shape), lower (R, D - split) -> (*S, R)"""
@@ -98,40 +91,26 @@ class SBN(StochasticChain):
     def context_above(self, level: int, z: Tensor, context: Tensor, lead: tuple[int, ...]) -> Tensor:
         return expand_rows(context, lead)  # x_lower, for the top layer's cost
 
-    def analytic(self, level: int, logits: Tensor) -> Tensor | float:
-        return 0.0  # no encoder, no KL: the layers' distributions are the model's
+    def analytic(self, level: int, logits: Tensor) -> Tensor:
+        return logits.new_zeros(logits.shape[0])  # no encoder, no KL: the layers' distributions are the model's
 
     # -- what the module, the evaluation and the scripts ask -------------------------------------
-    def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
-        """E_h[-log p(x_lower | h)] by the estimators, batch means (`recon` = `neg_elbo`, `kl` = 0)."""
-        loss, value, _ = self.terms(x, self.as_estimators(estimator), logits)
-        zero = value.new_zeros(())
-        return Objective(loss=loss.mean(), neg_elbo=value.mean(), recon=value.mean(), kl=zero)
-
     def terms(self, x: Tensor, estimators: Sequence[Estimator], logits: Tensor | None = None):
         logits = self.encode(x) if logits is None else logits
         return self.layer_terms(0, logits, self.halves(x)[1], estimators)
-
-    def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """-log p(x_lower | h) at one hard sample of every layer (the single-sample bound).  # (B,)"""
-        _, value, _ = self.terms(x, [HardSample(generator)] * len(self.latents))
-        return value
 
     @torch.no_grad()
     def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
         """(log w, term), (num, B) each: h_i ~ p(h | x_upper) through the layers, log w = log p(x_lower | h_i)
         (the proposal is the model itself), term = -log w."""
-        z = self.latent.sample(logits, (num,), generator=generator)  # (S, B, *shape)
-        for level in range(len(self.upper)):
-            z = self.latents[level + 1].sample(self.encode_above(level, z), generator=generator)
-        cost = self.output_cost(z, self.halves(x)[1])  # (S, B)
+        top = self.sample_layers(logits, num, generator)[-1][1]  # (S, B, *shape of hL)
+        cost = self.output_cost(top, self.halves(x)[1])  # (S, B)
         return -cost, cost
 
     @torch.no_grad()
-    def exact_nll(self, x: Tensor, max_configs: int = 4096) -> Tensor:
-        """-log p(x_lower | x_upper), summing over every configuration of every layer.  # (B,)"""
-        if self.num_configs > max_configs:
-            raise ConfigError(f"nll_exact enumerates {self.num_configs:.4g} configurations, over max_configs={max_configs}")
+    def exact_nll(self, x: Tensor, max_rows: int) -> Tensor:
+        """-log p(x_lower | x_upper), summing over every configuration of every layer, all at once (small
+        networks only: the caller holds them to the enumeration budget).  # (B,)"""
         lower = self.halves(x)[1]
         configs = [latent.enumerate(device=x.device, dtype=x.dtype) for latent in self.latents]  # (C_l, *shape)
         # log p(h1 | x_upper) for every h1: (C1, B)
@@ -146,10 +125,8 @@ class SBN(StochasticChain):
     @torch.no_grad()
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The upper half as given, the lower half's Bernoulli means at one hard sample of the chain.  # (B, D)"""
-        z = self.latent.sample(self.encode(x), generator=generator)
-        for level in range(len(self.upper)):
-            z = self.latents[level + 1].sample(self.encode_above(level, z), generator=generator)
-        return torch.cat([self.halves(x)[0], torch.sigmoid(self.decoder(self.latents[-1].decoder_input(z)))], dim=-1)
+        top = self.sample_layers(self.encode(x), 1, generator)[-1][1][0]  # (B, *shape of hL)
+        return torch.cat([self.halves(x)[0], torch.sigmoid(self.decoder(self.latents[-1].decoder_input(top)))], dim=-1)
 
     @torch.no_grad()
     def init_output_bias(self, train_images: Tensor) -> None:

@@ -18,58 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from discrete_vae.chain import StochasticChain
+from discrete_vae.chain import Layer, StochasticChain, chunk_size
 from discrete_vae.errors import ConfigError, require_number
-from discrete_vae.estimators import ANY_LATENT, CostFn, Estimator, EstimatorOutput
+from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Decoder, Encoder
 
 OUTPUT_BIAS_INITS = ("data_mean", "default")
 MAX_WEIGHTS = 10**9  # 4 GB of float32: a typo in a size, not a model to build
 MEAN_CLAMP = 1e-3  # the training mean pixel is clamped to [1e-3, 1 - 1e-3] before its logit (as Burda et al.)
-
-
-class Objective(NamedTuple):
-    loss: Tensor  # scalar surrogate being minimised
-    neg_elbo: Tensor  # scalar, nats per image
-    recon: Tensor  # scalar
-    kl: Tensor  # scalar
-
-
-class Layer(nn.Module):
-    """A stochastic layer above the first: its latent type, the network of q(z_l | z_{l-1}) (its
-    `encoder`, from the layer below's sample) and that of p(z_{l-1} | z_l) (its `decoder`, the
-    logits of the layer below), MLPs with `hidden_dims` between them (none: linear maps, as the
-    two-layer models of Yin & Zhou 2019 and Jang et al. 2017's SBNs)."""
-
-    def __init__(self, latent: Latent, below: Latent, hidden_dims: Sequence[int], activation: str,
-                 activation_args: dict | None = None):
-        super().__init__()
-        self.latent = latent
-        self.encoder = Encoder(below.decoder_dim, hidden_dims, latent.param_shape, activation, activation_args)
-        self.decoder = Encoder(latent.decoder_dim, list(reversed(hidden_dims)), below.param_shape, activation,
-                               activation_args)
-
-
-class HardSample(Estimator):
-    """Not a gradient estimator: the cost at one exact sample z ~ q (the latent type's `sample`, from
-    `generator`), for reporting the negative ELBO (validation, test) through every stochastic layer."""
-
-    latent_types = ANY_LATENT
-
-    def __init__(self, generator: torch.Generator | None = None):
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        f = cost(latent.sample(logits, generator=self.generator))
-        return EstimatorOutput(f, f)
 
 
 class VAE(StochasticChain):
@@ -115,8 +77,6 @@ class VAE(StochasticChain):
                               f"hidden {list(hidden_dims)}), over {MAX_WEIGHTS:.0e}; shrink the latent space or the layers")
         self.latent = latent
         self.input_dim = int(input_dim)
-        if activation_args is not None and not isinstance(activation_args, dict):
-            raise ConfigError(f"model.activation_args must be a mapping such as {{negative_slope: 0.3}}, got {activation_args!r}")
         self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation, activation_args)
         self.decoder = Decoder(input_dim, hidden_dims, latent.decoder_dim, activation, activation_args)
         self.upper = nn.ModuleList(
@@ -145,11 +105,6 @@ class VAE(StochasticChain):
         bce = F.binary_cross_entropy_with_logits(logits_x.expand(shape), x.expand(shape), reduction="none")
         return bce.sum(-1)
 
-    @property
-    def latents(self) -> list[Latent]:
-        """The stochastic layers' latent types, lowest (the one the decoder of x reads) first."""
-        return [self.latent, *(layer.latent for layer in self.upper)]
-
     def analytic(self, level: int, logits: Tensor) -> Tensor:
         """The analytic part of stochastic layer `level`'s term of -ELBO given its parent: the top
         layer's KL(q || p) to its prior, and E_q[log q] = -H(q) for a layer below others (whose
@@ -171,26 +126,25 @@ class VAE(StochasticChain):
         latent = self.latents[level]
         if level == len(self.upper):
             return latent.prior_log_prob(z)
-        layer, above = self.upper[level], self.latents[level + 1]
-        configs = above.enumerate(device=z.device, dtype=z.dtype)  # (C, *shape above)
-        logits = layer.decoder(above.decoder_input(configs))  # (C, *shape)
+        configs = self.latents[level + 1].enumerate(device=z.device, dtype=z.dtype)  # (C, *shape above)
+        logits = self.conditional_logits(level + 1, configs)  # (C, *shape)
         shape = latent.param_shape
         joint = latent.log_prob(logits[:, None], z[None]) + self._marginal_prior(level + 1, configs)[:, None]  # (C, Z)
         return torch.logsumexp(joint, dim=0).reshape(z.shape[: z.dim() - len(shape)])
 
     # -- the objective ---------------------------------------------------------------------------
     # -- the chain (discrete_vae.chain) ------------------------------------------------------------
-    def encode_above(self, level: int, z: Tensor) -> Tensor:
-        """q(z_{l+1} | z_l)'s logits.  # (R, *shape) -> (R, *shape above)"""
-        return self.upper[level].encoder(self.latents[level].decoder_input(z))
+    def conditional_logits(self, level: int, z: Tensor) -> Tensor:
+        """p(z_{l-1} | z_l)'s logits, the generative path from layer `level` (>= 1) down one layer.
+        # (..., *shape) -> (..., *shape below)"""
+        return self.upper[level - 1].decoder(self.latents[level].decoder_input(z))
 
     def local_cost(self, level: int, z: Tensor, context: Tensor) -> Tensor:
         """-log p(x | z1) at the lowest layer (context: x); -log p(z_{l-1} | z_l) above it (context: the
         sample below).  # z (*S, R', *shape) -> (*S, R)"""
         if level == 0:
             return self.cost(z, context)
-        layer = self.upper[level - 1]
-        return -self.latents[level - 1].log_prob(layer.decoder(layer.latent.decoder_input(z)), context)
+        return -self.latents[level - 1].log_prob(self.conditional_logits(level, z), context)
 
     def context_above(self, level: int, z: Tensor, context: Tensor, lead: tuple[int, ...]) -> Tensor:
         return z  # the layer above scores the sample below: p(z_l | z_{l+1})
@@ -203,28 +157,19 @@ class VAE(StochasticChain):
         logits = self.encode(x) if logits is None else logits
         return self.layer_terms(0, logits, x, estimators)
 
-    def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
-        """The training objective: the estimators' surrogate of the sampled part of -ELBO plus the
-        analytic part, batch means (for one stochastic layer: E_q[-log p(x|z)] plus the analytic KL,
-        Kingma & Welling 2014, Eq. 7). Its `loss`'s gradient is the estimate; `neg_elbo` is the value
-        it reports. `estimator`: one per stochastic layer (`layer_estimators`), or one for a model with
-        one layer. `logits` (B, *param_shape), when given, stand for `encode(x)` (the diagnostics
-        replicate them)."""
-        estimators = self.as_estimators(estimator)
-        loss, value, analytic = self.terms(x, estimators, logits)  # (B,) each
-        return Objective(
-            loss=(loss + analytic).mean(),
-            neg_elbo=(value + analytic).mean(),
-            recon=value.mean(),
-            kl=analytic.mean(),
-        )
-
-    def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """True negative ELBO per image at hard samples, one per stochastic layer (z1 ~ q(z1|x), then
-        z2 ~ q(z2|z1), ...), with each layer's analytic term (one layer: -log p(x|z) + KL).  # (B,)"""
-        sample = HardSample(generator)
-        _, value, analytic = self.terms(x, [sample] * len(self.latents))
-        return value + analytic
+    @torch.no_grad()
+    def exact_nll(self, x: Tensor, max_rows: int) -> Tensor:
+        """-log p(x) = -logsumexp_c(log p(c) - cost(c, x)) over the configurations c of z1, `chunk` at a
+        time from the latent type's `enumerate` (p(c) summed over the layers above: `prior_log_prob`).
+        # x (B, D) -> (B,)"""
+        B = x.shape[0]
+        chunk = chunk_size(B, max_rows)
+        lse = x.new_full((B,), -math.inf)
+        for start in range(0, self.latent.num_configs, chunk):
+            configs = self.latent.enumerate(start, start + chunk, device=x.device, dtype=x.dtype)  # (C, *shape)
+            log_joint = self.prior_log_prob(configs)[:, None] - self.cost(configs[:, None], x)  # (C, B)
+            lse = torch.logaddexp(lse, torch.logsumexp(log_joint, dim=0))
+        return -lse
 
     @torch.no_grad()
     def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
@@ -234,19 +179,15 @@ class VAE(StochasticChain):
         log p = log p(x|z1) + sum_l log p(z_l | z_{l+1}) + log p(zL); the -ELBO term is the sampled
         part plus the analytic ones, whose mean over draws is -ELBO with lower variance than
         -mean(log w) (for one layer: -log p(x|z) + KL).  # x (B, D), logits (B, *param_shape)"""
-        z = self.latent.sample(logits, (num,), generator=generator)  # (S, B, *shape)
+        drawn = self.sample_layers(logits, num, generator)  # [(logits_l, z_l)], z_l (S, B, *shape_l)
+        z = drawn[0][1]
         cost = self.cost(z, x)  # (S, B)
-        log_w = -cost - self.latent.log_prob(logits, z)
-        term = cost + self.analytic(0, logits)
-        for level, layer in enumerate(self.upper):
-            below = self.latents[level]
-            up_logits = layer.encoder(below.decoder_input(z))  # (S, B, *shape above)
-            above = layer.latent.sample(up_logits, generator=generator)
-            conditional = -below.log_prob(layer.decoder(layer.latent.decoder_input(above)), z)  # -log p(z_l | z_{l+1})
-            log_w = log_w - conditional - layer.latent.log_prob(up_logits, above)
-            term = term + conditional + self.analytic(level + 1, up_logits)
-            z = above
-        log_w = log_w + self.latents[-1].prior_log_prob(z)
+        log_w, term = -cost - self.latent.log_prob(logits, z), cost + self.analytic(0, logits)
+        for level, (up_logits, above) in enumerate(drawn[1:], start=1):
+            conditional = self.local_cost(level, above, drawn[level - 1][1])  # -log p(z_{l-1} | z_l)
+            log_w = log_w - conditional - self.latents[level].log_prob(up_logits, above)
+            term = term + conditional + self.analytic(level, up_logits)
+        log_w = log_w + self.latents[-1].prior_log_prob(drawn[-1][1])
         return log_w, term
 
     # -- images ----------------------------------------------------------------------------------
@@ -262,8 +203,8 @@ class VAE(StochasticChain):
         device = next(self.parameters()).device
         generator = torch.Generator(device).manual_seed(seed)
         z = self.latents[-1].prior_sample(num, generator=generator, device=device)
-        for layer, below in zip(reversed(self.upper), reversed(self.latents[:-1])):
-            z = below.sample(layer.decoder(layer.latent.decoder_input(z)), generator=generator)
+        for level in range(len(self.upper), 0, -1):
+            z = self.latents[level - 1].sample(self.conditional_logits(level, z), generator=generator)
         return torch.sigmoid(self.decode(z))
 
     # -- initialisation --------------------------------------------------------------------------

@@ -220,6 +220,7 @@ def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
     (["model.activation=LeakyReLU", "+model.activation_args.slope=0.3"],
      r"model.activation_args=\{'slope': 0.3\} do not fit torch.nn.LeakyReLU"),
     (["model.activation_args=3"], "model.activation_args must be a mapping"),
+    (["model=sbn", "model.activation_args=3"], "model.activation_args must be a mapping"),  # checked where used
     (["latent=bernoulli", "+latent.num_categories=3"],
      "latent.num_categories is not a setting of discrete_vae.latents.Bernoulli; remove it"),
     (["estimator=rebar", "estimator.learn=maybe"], "estimator.learn must be true or false"),

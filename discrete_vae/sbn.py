@@ -1,4 +1,4 @@
-"""Stochastic binary networks for structured output prediction (Jang, Gu & Poole 2017, Sec. 4.2, after
+"""Stochastic binary networks for structured output prediction (Jang, Gu & Poole 2017, Sec. 4.1, after
 Raiko et al. 2015 and Gu et al. 2016): the lower half of a binarized MNIST image predicted from its
 upper half, through a chain of stochastic layers,
 

@@ -1,5 +1,5 @@
 """Stochastic binary networks for structured output prediction (discrete_vae.sbn, Jang et al. 2017,
-Sec. 4.2): the lower half of an image from its upper half through two stochastic layers. On a tiny
+Sec. 4.1): the lower half of an image from its upper half through two stochastic layers. On a tiny
 network (3 + 3 pixels, 2 + 2 bits) written out by brute force: the exact -log p(x_lower | x_upper),
 the sampled bounds, and every unbiased estimator's mean against the exact gradient of both layers;
 then the preset through scripts/train.py."""

@@ -89,6 +89,14 @@ class StochasticChain(nn.Module):
         """The stochastic layers' latent types, lowest first."""
         return [self.latent, *(layer.latent for layer in self.upper)]
 
+    def uses_prior(self, level: int) -> bool:  # pragma: no cover
+        """Whether layer `level`'s latent prior is part of the model (a VAE's top layer only)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The stochastic layers, lowest first, a prior named only where the model uses it."""
+        return " / ".join(latent.describe(self.uses_prior(level)) for level, latent in enumerate(self.latents))
+
     def encode_above(self, level: int, z: Tensor) -> Tensor:
         """Layer level+1's logits from layer `level`'s samples.  # (..., *shape) -> (..., *shape above)"""
         return self.upper[level].encoder(self.latents[level].decoder_input(z))

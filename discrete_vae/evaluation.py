@@ -92,7 +92,7 @@ def check_exact(model: VAE, max_configs: int) -> None:
     if not fits_exact(model, max_configs):
         raise ConfigError(
             f"nll_exact enumerates {model.num_configs:.4g} configurations of "
-            f"{' and '.join(latent.describe() for latent in model.latents)}, "
+            f"{model.describe()}, "
             f"over the budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
         )
 

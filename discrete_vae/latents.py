@@ -128,7 +128,9 @@ class Latent(nn.Module):
         """A one-hot sample of `categorical_view` as this type's z, gradients passed through.  # (..., N, K) -> (..., *param_shape)"""
         raise NotImplementedError
 
-    def describe(self) -> str:
+    def describe(self, with_prior: bool = True) -> str:
+        """One line for messages and tables; `with_prior=False` for a layer whose prior the model
+        does not use (a lower layer drawn given the one above, an SBN's layers)."""
         return f"{self.name} {self.param_shape}"
 
 
@@ -201,7 +203,7 @@ class Categorical(Latent):
     def from_categorical(self, one_hot: Tensor) -> Tensor:
         return one_hot
 
-    def describe(self) -> str:
+    def describe(self, with_prior: bool = True) -> str:
         return f"N={self.num_latents} categorical latents of K={self.num_categories}"
 
 
@@ -287,5 +289,5 @@ class Bernoulli(Latent):
     def from_categorical(self, one_hot: Tensor) -> Tensor:
         return one_hot[..., 1]  # (..., N): the bit, and the gradient of its "1" category
 
-    def describe(self) -> str:
-        return f"N={self.num_latents} Bernoulli latents ({self.prior} prior)"
+    def describe(self, with_prior: bool = True) -> str:
+        return f"N={self.num_latents} Bernoulli latents" + (f" ({self.prior} prior)" if with_prior else "")

@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     }
     if metrics["nll_exact"] is None:
         record["nll_exact_absent"] = (
-            f"{model.num_configs:.4g} configurations ({' and '.join(l.describe() for l in model.latents)}) is over the "
+            f"{model.num_configs:.4g} configurations ({model.describe()}) is over the "
             f"enumeration budget max_configs={cfg.max_configs}"
         )
     output = Path(cfg.output) if cfg.output else records.evaluation_path(ckpt, cfg.split)

@@ -219,7 +219,7 @@ def study(cfg: DictConfig) -> list[dict]:
         print(f"{name}: {report}")
 
     header = [
-        f"model: {' / '.join(latent.describe() for latent in model.latents)}, hidden {list(cfg.model.hidden_dims)}; "
+        f"model: {model.describe()}, hidden {list(cfg.model.hidden_dims)}; "
         f"weights: {weights}" + ("; the gradient of the lowest layer's encoder" if len(model.latents) > 1 else ""),
         f"batch: the first {len(x)} validation images; M={cfg.num_estimates} estimates per estimator; "
         f"gradient of the training loss w.r.t. the encoder parameters",
@@ -239,7 +239,7 @@ def study(cfg: DictConfig) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     if rows:
-        plot(rows, output_dir / "gradient_study.png", f"{model.latent.describe()}; reference: {reference.describe()}")
+        plot(rows, output_dir / "gradient_study.png", f"{model.describe()}; reference: {reference.describe()}")
     print(f"wrote gradient_study.md, .csv, .png in {output_dir}")
     return rows
 

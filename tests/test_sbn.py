@@ -105,3 +105,8 @@ def test_the_preset_trains_and_evaluates_through_the_scripts(data_root, tmp_path
     assert state["state_dict"]["vae.encoder.net.0.weight"].shape == (200, 392)
     assert state["state_dict"]["vae.upper.0.encoder.net.0.weight"].shape == (200, 200)
     assert state["state_dict"]["vae.decoder.net.0.weight"].shape == (392, 200)
+
+
+def test_the_description_names_no_prior():
+    """Every SBN layer is drawn given the one before (h1 given x_upper): no layer's prior is used."""
+    assert tiny().describe() == "N=2 Bernoulli latents / N=2 Bernoulli latents"

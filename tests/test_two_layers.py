@@ -168,3 +168,9 @@ def test_the_gradient_diagnostics_measure_bias_through_both_layers():
     gumbel = gradient_diagnostics(model, X, E.GumbelSoftmax(tau=1.0), 2000, timing_repeats=0)
     assert arm.reference.kind == "exact" and arm.bias < 4 * arm.bias_se
     assert gumbel.bias > 10 * gumbel.bias_se, (gumbel.bias, gumbel.bias_se)
+
+
+def test_the_description_names_only_the_prior_the_model_uses():
+    """z1's prior is p(z1 | z2), not its latent's own: only the top layer's is named."""
+    assert tiny().describe() == "N=2 Bernoulli latents / N=2 Bernoulli latents (learned prior)"
+    assert VAE(Bernoulli(3), input_dim=D, hidden_dims=[]).describe() == "N=3 Bernoulli latents (uniform prior)"

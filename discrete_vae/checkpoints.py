@@ -7,8 +7,8 @@ the callbacks that write them, and the wall clock they carry.
 - `check_checkpoint_fits`: the setting in which a checkpoint and the configured run differ;
 - `set_aside_earlier_attempt` / `clear_past_the_checkpoint`: a run folder made to hold only what
   the run about to start (or resume) will know of: an earlier attempt is moved into `earlier/`,
-  the checkpoints a killed process wrote past the last.ckpt resumed from are removed (the resumed
-  run writes them again, bit for bit);
+  the checkpoints a killed process wrote past the last.ckpt resumed from are moved there too (the
+  resumed run writes them again, bit for bit);
 - `BestCheckpoint` / `LatestCheckpoint`: the best weights by `val/neg_elbo`, and last.ckpt every N
   steps for exact resume, both also across a resume from a run folder that has moved;
 - `WallClock`: the run's wall time across its resumes, kept in every checkpoint.
@@ -178,35 +178,31 @@ def set_aside_earlier_attempt(output_dir: Path, why: str) -> Path | None:
              for p in sorted(output_dir.glob(pattern)) if p.is_file() or p.is_symlink()]
     if not found:
         return None
-    target = output_dir / EARLIER_DIR / time.strftime("%Y-%m-%d_%H-%M-%S")
-    while target.exists():
-        target = target.with_name(target.name + "+")
-    for path in found:
-        destination = target / path.relative_to(output_dir)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(destination)
+    target = move_into_earlier(output_dir, found)
     log.warning("starting afresh (%s): the earlier attempt's %d files are kept in %s", why, len(found), target)
     return target
 
 
-def remove_checkpoints(output_dir: Path, keep: set[str]) -> list[str]:
-    """Deletes the run's checkpoints whose names are not in `keep`, with the scripts/evaluate.py
-    results beside them; returns the names deleted."""
-    stale = [p for p in sorted((output_dir / "checkpoints").glob("*.ckpt")) if p.name not in keep]
-    for path in stale:
-        for evaluation in evaluation_paths(path):
-            evaluation.unlink()
-        path.unlink()
-    return [p.name for p in stale]
+def move_into_earlier(output_dir: Path, paths: list[Path]) -> Path:
+    """Moves the run folder's `paths`, as they are, into a new `earlier/<time>/` inside it (keeping
+    their places relative to the run folder); returns that folder."""
+    target = output_dir / EARLIER_DIR / time.strftime("%Y-%m-%d_%H-%M-%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    for path in paths:
+        destination = target / path.relative_to(output_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+    return target
 
 
 def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
     """Resuming a run from its own last.ckpt: the checkpoints that the stopped process wrote after
     that last.ckpt (the best checkpoint of a later validation) are not in the record the resumed
     run restores, so it would never replace or delete them, and would write "-v1" names beside
-    them when it reaches the same steps. They are deleted (with their scripts/evaluate.py
-    results): the folder is then as it was at the checkpoint, and the resumed run rewrites them.
-    Returns the names deleted. Rank zero only."""
+    them when it reaches the same steps. They are moved (with their scripts/evaluate.py results)
+    into `earlier/<time>/checkpoints/`: the folder is then as it was at the checkpoint, the resumed
+    run writes them again, and nothing recorded is lost. Returns the names moved. Rank zero only."""
     if rank() != 0:
         return []
     known = {"last.ckpt"}
@@ -216,11 +212,12 @@ def clear_past_the_checkpoint(output_dir: Path, checkpoint: dict) -> list[str]:
             paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
             best_k = state.get("best_k_models") if isinstance(state.get("best_k_models"), dict) else {}
             known.update(Path(p).name for p in [*paths, *best_k] if isinstance(p, str) and p)
-    stale = remove_checkpoints(output_dir, keep=known)
+    stale = [p for p in sorted((output_dir / "checkpoints").glob("*.ckpt")) if p.name not in known]
     if stale:
-        log.warning("removed %s, written after the checkpoint this run resumes from (it writes them again)",
-                    ", ".join(stale))
-    return stale
+        target = move_into_earlier(output_dir, [f for p in stale for f in (*evaluation_paths(p), p)])
+        log.warning("moved %s, written after the checkpoint this run resumes from (it writes them again), into %s",
+                    ", ".join(p.name for p in stale), target)
+    return [p.name for p in stale]
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def test_kill_and_resume_is_bit_identical(straight, data_root, tmp_path):
     assert {"estimator.log_tau", "estimator.scale", "estimator.net.0.weight"} <= a.keys()
     assert not torch.equal(a["estimator.log_tau"], torch.log(torch.tensor(0.5))), "RELAX's temperature trained"
     assert checkpoint_names(broken) == checkpoint_names(straight), "a checkpoint of a killed process is left over, or a -v1 name"
+    moved = [p.name for p in (broken / "earlier").glob("*/checkpoints/*.ckpt")]
+    assert "best-step10.ckpt" in moved, "the killed process's checkpoint past last.ckpt is kept aside, not deleted"
     ra, rb = (json.loads((d / "metrics.json").read_text()) for d in (straight, broken))
     assert ra["metrics"] == rb["metrics"] and ra["steps"] == rb["steps"] == 30
     assert rb["resumed_from_step"] == 20 and rb["wall_time_s"] > before

@@ -115,6 +115,7 @@ def test_a_crafted_checkpoint_runs_nothing_and_deletes_nothing(route, trained, t
         path = tmp / "crafted.ckpt"
         torch.save(checkpoint, path)
         monkeypatch.chdir(tmp)  # the study writes its table into the working folder
+        monkeypatch.setenv("DISCRETE_VAE_DATA", str(shared_data_root()))  # evaluate.py reads the data here too
         proc = open_it(way, path, trained, tmp)
         assert not marker.exists(), f"{route} via {way}: the checkpoint ran code"
         assert victim.read_text() == "a colleague's file\n", f"{route} via {way}: a file outside the run was touched"

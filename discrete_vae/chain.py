@@ -83,15 +83,17 @@ class StochasticChain(nn.Module):
 
     latent: Latent  # the lowest layer's
     upper: nn.ModuleList  # the `Layer`s above it, lowest first
+    has_prior: bool  # whether the top layer has a prior to sample from (a VAE) or is conditional (an SBN)
 
     @property
     def latents(self) -> list[Latent]:
         """The stochastic layers' latent types, lowest first."""
         return [self.latent, *(layer.latent for layer in self.upper)]
 
-    def uses_prior(self, level: int) -> bool:  # pragma: no cover
-        """Whether layer `level`'s latent prior is part of the model (a VAE's top layer only)."""
-        raise NotImplementedError
+    def uses_prior(self, level: int) -> bool:
+        """Whether layer `level`'s latent prior is part of the model: the top layer's, in a model that
+        has one (`has_prior`); a lower layer's prior is the layer above, an SBN has none."""
+        return self.has_prior and level == len(self.upper)
 
     def describe(self) -> str:
         """The stochastic layers, lowest first, a prior named only where the model uses it."""

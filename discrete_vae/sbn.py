@@ -37,9 +37,6 @@ class SBN(StochasticChain):
 
     has_prior = False  # no unconditional samples to show
 
-    def uses_prior(self, level: int) -> bool:
-        return False  # every layer is drawn given the one before: p(h1 | x_upper), p(h_l | h_{l-1})
-
     def __init__(
         self,
         latent: Latent,

@@ -41,9 +41,6 @@ class VAE(StochasticChain):
 
     has_prior = True  # images can be drawn from p(z) p(x|z)
 
-    def uses_prior(self, level: int) -> bool:
-        return level == len(self.upper)  # the top layer's; a lower layer's prior is p(z_l | z_{l+1})
-
     def __init__(
         self,
         latent: Latent,

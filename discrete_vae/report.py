@@ -550,9 +550,8 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
         done = headline_runs(finished, estimator)
         if not done:
             return "—"
-        steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget
-        own = sorted({r.record.get("steps") or 0 for r in done})
-        budget = "" if own == [steps] else f", {' / '.join(f'{n:,}' for n in own)} steps"  # a reduced budget, stated
+        budget = other_budget(finished, done)
+        budget = f", {budget}" if budget else ""
         key = "eval/nll_exact" if any(r.metric("eval/nll_exact") is not None for r in done) else (
             "eval/nll_iwae" if any(r.metric("eval/nll_iwae") is not None for r in done) else "test/neg_elbo")
         values = [v for r in done if (v := r.metric(key)) is not None]
@@ -569,6 +568,14 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def other_budget(finished: list[Run], done: list[Run]) -> str:
+    """"N steps" when the runs `done` trained for another budget than most of the experiment's
+    `finished` runs (a reduced or a longer one, to be stated beside their number), else ""."""
+    steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget
+    own = sorted({r.record.get("steps") or 0 for r in done})
+    return "" if not done or own == [steps] else f"{' / '.join(f'{n:,}' for n in own)} steps"
+
+
 def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
     """The finished runs that stand for an estimator in an experiment: one configuration, never an
     average over several: the longest-trained, then the one with the most seeds, then the first by
@@ -581,21 +588,23 @@ def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
     return [r for r in finished if r.config == best]
 
 
-def headline(runs: list[Run], estimator: str) -> tuple[float | None, str]:
-    """(mean, label) of an estimator's bound in an experiment (`headline_runs`): the m = 1000
-    evaluation where its runs have one, else trainer.test's bound, labelled †."""
-    done = headline_runs([r for r in runs if r.status == FINISHED], estimator)
-    for key, label in (("eval/nll_iwae", ""), ("test/nll_iwae", "†")):
+def headline(runs: list[Run], estimator: str) -> tuple[float | None, str, str]:
+    """(mean, mark, budget) of an estimator's bound in an experiment (`headline_runs`): the m = 1000
+    evaluation where its runs have one, else trainer.test's bound, marked †; budget is "N steps"
+    where its runs trained for another budget than the experiment's (`other_budget`), else ""."""
+    finished = [r for r in runs if r.status == FINISHED]
+    done = headline_runs(finished, estimator)
+    for key, mark in (("eval/nll_iwae", ""), ("test/nll_iwae", "†")):
         values = [v for r in done if (v := r.metric(key)) is not None]
         if values:
-            return statistics.fmean(values), label
-    return None, ""
+            return statistics.fmean(values), mark, other_budget(finished, done)
+    return None, "", ""
 
 
 def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
     """Jang et al. (2017)'s Table 1, its four rows, with ours beside theirs: "ours / theirs" per
     estimator (mean over seeds of the m = 1000 bound; † where only trainer.test's smaller-m bound
-    exists yet), and our best estimator of any kind in the row."""
+    exists yet; the budget where it is not the preset's), and our best estimator of any kind in the row."""
     head = ["model", *JANG_ESTIMATORS, "our best (any estimator)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
     for row, (experiment, numbers) in JANG_TABLE1.items():
@@ -603,11 +612,15 @@ def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
         ours = {paper: estimator for estimator, names in PAPERS[experiment].rows.items() for paper in names}
         cells = [f"{row} `{experiment}`"]
         for paper, theirs in zip(JANG_ESTIMATORS, numbers):
-            mean, label = headline(runs, ours[paper]) if paper in ours else (None, "")
-            cells.append(f"{fmt(mean, digits=1)}{label} / {theirs:.1f}")
-        scored = [(m, e, label) for e in sorted({r.estimator for r in runs}) for m, label in [headline(runs, e)] if m is not None]
-        best = min(scored) if scored else None
-        cells.append(f"{best[0]:.1f}{best[2]} (`{best[1]}`)" if best else "—")
+            mean, mark, budget = headline(runs, ours[paper]) if paper in ours else (None, "", "")
+            cells.append(f"{fmt(mean, digits=1)}{mark}{f' ({budget})' if budget else ''} / {theirs:.1f}")
+        scored = [(m, e, mark, budget) for e in sorted({r.estimator for r in runs})
+                  for m, mark, budget in [headline(runs, e)] if m is not None]
+        if scored:
+            mean, estimator, mark, budget = min(scored)
+            cells.append(f"{mean:.1f}{mark} (`{estimator}`{f', {budget}' if budget else ''})")
+        else:
+            cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -197,16 +197,24 @@ def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, t
 
     _job(sweep, "gumbel", 1, finished(150.0, 200), extra=["optimizer.lr=1e-4", "trainer.max_epochs=1"])
     _job(sweep, "indecater", 1, finished(130.0, 200), extra=["trainer.max_epochs=1"])
+    _job(sweep, "st", 1, finished(90.0, 4000), extra=["trainer.max_epochs=8"])  # a longer budget
     records = tmp_path / "docs" / "results" / "jang2017"
     assert _run(REPORT, "export", sweep, records, cwd=tmp_path).returncode == 0
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n")
+    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n"
+                      "<!-- report:jang2017-table1 -->\n<!-- /report:jang2017-table1 -->\n")
     result = _run(REPORT, "results", tmp_path / "docs" / "results", "--markdown", readme, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = readme.read_text()
     # the full-budget gumbel runs alone, not averaged with the short run of another learning rate
     assert "| gumbel | 107.0 ± 2.6 (−ELBO, n=3) |" in summary
     assert "| indecater | 130.0 (−ELBO, n=1, 200 steps) |" in summary
+    assert "| st | 90.0 (−ELBO, n=1, 4,000 steps) |" in summary
+    # Jang et al.'s Table 1 states a budget other than the preset's, in its cell and as our best
+    table1 = next(line for line in summary.splitlines() if line.startswith("| VAE (Cat.) `jang2017` |"))
+    assert "| 85.0† (4,000 steps) / 110.9 | 85.0† (4,000 steps) / 107.8 |" in table1  # ST and Annealed ST
+    assert "| 102.0† / 101.5 |" in table1  # gumbel at the preset's budget: no label
+    assert table1.endswith("| 85.0† (`st`, 4,000 steps) |")
 
 
 def test_each_papers_numbers_go_beside_its_own_experiment():

@@ -550,8 +550,7 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
         done = headline_runs(finished, estimator)
         if not done:
             return "—"
-        budget = other_budget(finished, done)
-        budget = f", {budget}" if budget else ""
+        budget = f", {other}" if (other := other_budget(finished, done)) else ""
         key = "eval/nll_exact" if any(r.metric("eval/nll_exact") is not None for r in done) else (
             "eval/nll_iwae" if any(r.metric("eval/nll_iwae") is not None for r in done) else "test/neg_elbo")
         values = [v for r in done if (v := r.metric(key)) is not None]
@@ -571,9 +570,11 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
 def other_budget(finished: list[Run], done: list[Run]) -> str:
     """"N steps" when the runs `done` trained for another budget than most of the experiment's
     `finished` runs (a reduced or a longer one, to be stated beside their number), else ""."""
+    if not done:
+        return ""
     steps = Counter(r.record.get("steps") for r in finished).most_common(1)[0][0]  # the experiment's budget
     own = sorted({r.record.get("steps") or 0 for r in done})
-    return "" if not done or own == [steps] else f"{' / '.join(f'{n:,}' for n in own)} steps"
+    return "" if own == [steps] else f"{' / '.join(f'{n:,}' for n in own)} steps"
 
 
 def headline_runs(finished: list[Run], estimator: str) -> list[Run]:

@@ -80,7 +80,8 @@ def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
     return VAEModule(
         build_vae(cfg), build(cfg.estimator), optimizer=optimizer,
         num_images=cfg.get("num_images", 8), test_iwae_samples=cfg.get("test_iwae_samples", 50),
-        seed=cfg.get("seed", 0), run_config=run_config, run_choices=run_choices,
+        val_iwae_samples=cfg.get("val_iwae_samples", 0), seed=cfg.get("seed", 0),
+        run_config=run_config, run_choices=run_choices,
     )
 
 

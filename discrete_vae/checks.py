@@ -61,9 +61,29 @@ def check_run(cfg: Mapping) -> None:
     require_choice("float32_matmul_precision", cfg.get("float32_matmul_precision", "high"), MATMUL_PRECISIONS)
     require_bool("test", cfg.get("test", True))
     require_number("num_images", cfg.get("num_images", 8), integer=True, low=0, high=10_000)
+    check_monitor(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None and not isinstance(ckpt_path, str):
         raise ConfigError(f"ckpt_path must be a path to a .ckpt file, got {ckpt_path!r}")
+
+
+def validation_metrics(cfg: Mapping) -> list[str]:
+    """What a validation logs: the hard-sample bound, and the m-sample one with val_iwae_samples."""
+    m = require_number("val_iwae_samples", cfg.get("val_iwae_samples", 0), integer=True, low=0,
+                       hint="0 turns val/nll_iwae off")
+    return ["val/neg_elbo"] + (["val/nll_iwae"] if m else [])
+
+
+def check_monitor(cfg: Mapping) -> None:
+    """The best checkpoint's `monitor`, when it names a validation metric, is one that validation
+    logs (Lightning would otherwise fail after the first validation, minutes into the run)."""
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+    monitor = checkpoint.get("monitor") if checkpoint else None
+    logged = validation_metrics(cfg)
+    if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
+        hint = "; set val_iwae_samples (e.g. 50) to log it" if monitor == "val/nll_iwae" else ""
+        raise ConfigError(f"callbacks.checkpoint.monitor={monitor} is not logged by validation, which logs "
+                          f"{', '.join(logged)}{hint}")
 
 
 def check_trainer(trainer: Mapping) -> None:

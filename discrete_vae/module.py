@@ -62,6 +62,7 @@ class VAEModule(L.LightningModule):
         optimizer: Callable | None = None,
         num_images: int = 8,
         test_iwae_samples: int = 50,
+        val_iwae_samples: int = 0,
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
         run_choices: dict[str, str] | None = None,
@@ -70,6 +71,7 @@ class VAEModule(L.LightningModule):
         discrete_vae.checkpoints rebuilds the model); `run_choices`: its group choices, for messages."""
         super().__init__()
         require_number("test_iwae_samples", test_iwae_samples, integer=True, low=0, hint="0 turns test/nll_iwae off")
+        require_number("val_iwae_samples", val_iwae_samples, integer=True, low=0, hint="0 turns val/nll_iwae off")
         estimators = vae.layer_estimators(estimator)  # one per stochastic layer, each checked
         check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["vae", "estimator", "optimizer", "run_choices"])
@@ -79,6 +81,7 @@ class VAEModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.num_images = num_images
         self.test_iwae_samples = int(test_iwae_samples)
+        self.val_iwae_samples = int(val_iwae_samples)
         self.seed = int(require_number("seed", seed, integer=True))
         self.run_config, self.run_choices = run_config, run_choices or {}
         self._image_batch: Tensor | None = None
@@ -171,6 +174,9 @@ class VAEModule(L.LightningModule):
         generator = self._eval_generator(batch_idx, self.trainer.num_val_batches)
         neg_elbo = self.vae.neg_elbo(batch, generator).mean()
         self.log("val/neg_elbo", neg_elbo, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
+        if self.val_iwae_samples > 0:  # the m-sample bound, for a checkpoint rule that follows it
+            nll = iwae_bound(self.vae, batch, self.val_iwae_samples, generator=generator)
+            self.log("val/nll_iwae", nll.mean(), batch_size=batch.shape[0], sync_dist=True)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         generator = self._eval_generator(batch_idx, self.trainer.num_test_batches)

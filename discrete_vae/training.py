@@ -38,7 +38,7 @@ from torch.utils.tensorboard.summary import hparams
 from discrete_vae import records
 from discrete_vae.build import build, build_model
 from discrete_vae.callbacks import ValidateAtLastStep
-from discrete_vae.checks import check_run, check_trainer
+from discrete_vae.checks import check_run, check_trainer, validation_metrics
 from discrete_vae.checkpoints import (
     AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits,
     clear_past_the_checkpoint, rank, read_checkpoint, set_aside_earlier_attempt,
@@ -295,7 +295,7 @@ def build_run(
     if logger and trainer.is_global_zero and fresh:
         params = _flat(model.run_config)
         params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
-        log_hparams(logger, params, ["val/neg_elbo", "test/neg_elbo"])
+        log_hparams(logger, params, [*validation_metrics(cfg), "test/neg_elbo"])
     return datamodule, model, trainer
 
 
@@ -341,10 +341,13 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     if trainer.interrupted:  # a Lightning that returns instead
         stopped_by_signal(trainer, resumed_step, "SIGINT (Ctrl-C)", SIGINT_EXIT)
     best = getattr(best_checkpoint(trainer), "best_model_path", "")
-    final_val = trainer.callback_metrics.get("val/neg_elbo")
-    if final_val is None:  # resumed from the checkpoint written after the final validation: none ran here
-        final_val = getattr(best_checkpoint(trainer), "current_score", None)
-    metrics = {"val/neg_elbo": _scalar(final_val)}
+    metrics = {}
+    for name in validation_metrics(cfg):  # the final validation's
+        value = trainer.callback_metrics.get(name)
+        if value is None and getattr(best_checkpoint(trainer), "monitor", None) == name:
+            # resumed from the checkpoint written after the final validation: none ran here
+            value = getattr(best_checkpoint(trainer), "current_score", None)
+        metrics[name] = _scalar(value)
     if cfg.get("test", True):
         if not best:
             log.warning("no best checkpoint (no validation ran): testing the final weights")

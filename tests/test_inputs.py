@@ -35,11 +35,20 @@ GOOD_TRAINER = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "trainer" /
     ("test", "maybe", "test must be true or false"),
     ("num_images", -1, "num_images must be between 0 and 10000"),
     ("ckpt_path", 3, "ckpt_path must be a path"),
+    ("val_iwae_samples", -2, "val_iwae_samples must be at least 0"),
+    ("callbacks", {"checkpoint": {"monitor": "val/nll_iwae"}},
+     "callbacks.checkpoint.monitor=val/nll_iwae is not logged by validation, which logs val/neg_elbo; set val_iwae"),
+    ("callbacks", {"checkpoint": {"monitor": "val/elbo"}}, "monitor=val/elbo is not logged by validation"),
 ])
 def test_the_runs_own_keys(key, value, message):
     check_run(GOOD_RUN)
     with pytest.raises(ConfigError, match=message):
         check_run({**GOOD_RUN, key: value})
+
+
+def test_a_checkpoint_rule_on_the_validation_bound_is_accepted_with_its_samples():
+    check_run({**GOOD_RUN, "val_iwae_samples": 5, "callbacks": {"checkpoint": {"monitor": "val/nll_iwae"}}})
+    check_run({**GOOD_RUN, "callbacks": {"checkpoint": None}})  # no best checkpoint: nothing to check
 
 
 @pytest.mark.parametrize("key, value, message", [

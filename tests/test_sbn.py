@@ -107,6 +107,23 @@ def test_the_preset_trains_and_evaluates_through_the_scripts(data_root, tmp_path
     assert state["state_dict"]["vae.decoder.net.0.weight"].shape == (392, 200)
 
 
+def test_the_best_checkpoint_can_follow_the_validation_bound(data_root, tmp_path):
+    """val_iwae_samples logs val/nll_iwae at each validation; with it as the monitor, the best
+    checkpoint is the one with the lowest m-sample bound, and the record keeps the final one."""
+    run = tmp_path / "run"
+    args = ["experiment=jang2017_sbn", "estimator=gumbel", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "test=false", "val_iwae_samples=3",
+            "callbacks.checkpoint.monitor=val/nll_iwae", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)})
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"val/neg_elbo", "val/nll_iwae"} and 100 < metrics["val/nll_iwae"] < 400
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    (best,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert best["monitor"] == "val/nll_iwae" and best["best_model_path"].split("/")[-1] in ("best-step2.ckpt",
+                                                                                          "best-step4.ckpt")
+    assert float(best["best_model_score"]) <= metrics["val/nll_iwae"] + 1e-6
+
+
 def test_the_description_names_no_prior():
     """Every SBN layer is drawn given the one before (h1 given x_upper): no layer's prior is used."""
     assert tiny().describe() == "N=2 Bernoulli latents / N=2 Bernoulli latents"

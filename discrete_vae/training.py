@@ -340,13 +340,14 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
         raise
     if trainer.interrupted:  # a Lightning that returns instead
         stopped_by_signal(trainer, resumed_step, "SIGINT (Ctrl-C)", SIGINT_EXIT)
-    best = getattr(best_checkpoint(trainer), "best_model_path", "")
+    keeper = best_checkpoint(trainer)
+    best = getattr(keeper, "best_model_path", "")
     metrics = {}
     for name in validation_metrics(cfg):  # the final validation's
         value = trainer.callback_metrics.get(name)
-        if value is None and getattr(best_checkpoint(trainer), "monitor", None) == name:
+        if value is None and getattr(keeper, "monitor", None) == name:
             # resumed from the checkpoint written after the final validation: none ran here
-            value = getattr(best_checkpoint(trainer), "current_score", None)
+            value = getattr(keeper, "current_score", None)
         metrics[name] = _scalar(value)
     if cfg.get("test", True):
         if not best:

@@ -5,7 +5,7 @@ exactly: the callback recomputes tau from `trainer.global_step` before every bat
 `GradientStats` runs discrete_vae.diagnostics on a held-out batch every n steps and logs
 the gradient's variance, bias, cosine and SNR, without changing the training trajectory.
 For long runs: `DivergenceGuard` (stops a run whose loss is no longer finite) and
-`ValidateAtLastStep` (a run stopped mid-epoch still ends validated). The checkpoint callbacks
+`ValidateAtLastStep` (every run ends validated, one stopped mid-epoch too). The checkpoint callbacks
 are discrete_vae.checkpoints'.
 """
 
@@ -226,10 +226,13 @@ class DivergenceGuard(L.Callback):
 
 
 class ValidateAtLastStep(L.Callback):
-    """Validates after the last step of a run that stops mid-epoch (trainer.max_steps), so that every
-    run ends validated and checkpointed: Lightning validates when a stop is requested
-    (`trainer.should_stop`), and otherwise only at the epoch's end."""
+    """Validates after the last step of every run, so that every run ends validated and checkpointed:
+    one that stops mid-epoch (trainer.max_steps), and one whose validations are spaced by steps
+    (trainer.val_check_interval=N with check_val_every_n_epoch=null) when its last epoch ends between
+    two. Lightning validates when a stop is requested (`trainer.should_stop`), and otherwise only at
+    an epoch's end or at the interval."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if 0 < trainer.max_steps <= trainer.global_step or (last_epoch and batch_idx + 1 >= trainer.num_training_batches):
             trainer.should_stop = True

@@ -92,6 +92,8 @@ def test_the_pathwise_estimators_differentiate_through_both_categorical_layers(m
 
 
 def test_the_preset_trains_and_evaluates_through_the_scripts(data_root, tmp_path):
+    """The preset validates by steps (every 2,500) and follows the validation bound: a run whose last
+    epoch ends between two validations (3 steps here) still ends with one, and tests its checkpoint."""
     run = tmp_path / "run"
     args = ["experiment=jang2017_sbn", "estimator=st_gumbel", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
             "trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "test_iwae_samples=5",
@@ -99,7 +101,9 @@ def test_the_preset_trains_and_evaluates_through_the_scripts(data_root, tmp_path
     run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)})
     record = json.loads((run / "metrics.json").read_text())
     assert record["status"] == "finished" and record["steps"] == 3
+    assert record["best_checkpoint"].endswith("best-step3.ckpt")
     metrics = record["metrics"]
+    assert metrics["val/nll_iwae"] <= metrics["val/neg_elbo"] + 1
     assert 100 < metrics["test/neg_elbo"] < 400 and metrics["test/nll_iwae"] <= metrics["test/neg_elbo"] + 1
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"]["vae.encoder.net.0.weight"].shape == (200, 392)

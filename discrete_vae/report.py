@@ -486,7 +486,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: str | None, exact: b
         head.append(PAPERS[paper].column)
     if exact:
         head.append("test NLL (exact)")
-    head += ["best val −ELBO", "steps", "min/run"]
+    head += ["final val −ELBO", "steps", "min/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
     for row in rows:
         done = [r for r in runs if r.config == row["config"] and r.status == FINISHED]

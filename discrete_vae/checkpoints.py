@@ -86,7 +86,55 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
             and isinstance(checkpoint.get("config"), dict)):
         raise DataError(f"{path} is not a checkpoint written by scripts/train.py (it holds no model state and config)")
+    for node in ("config", "choices", "hyper_parameters"):
+        problem = plain_data_problem(checkpoint.get(node) or {}, node)
+        if problem:
+            raise DataError(f"refused the checkpoint {path}: {problem}. A checkpoint's config is plain data, "
+                            f"and scripts/train.py writes it resolved; use a checkpoint written by it")
     return upgrade(checkpoint)
+
+
+# Hydra's instantiate keys a checkpoint's config may hold, and the values they may take
+SPECIAL_KEYS = {"_target_": None, "_convert_": ("none", "partial", "object", "all"), "_partial_": (True, False)}
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_ITEMS = 100_000
+
+
+def plain_data_problem(tree: Any, where: str) -> str | None:
+    """Why a checkpoint's stored config (or group choices) is not plain data, or None when it is.
+
+    Plain data: dicts with string keys, lists, strings, numbers, booleans and None, at most
+    MAX_CONFIG_DEPTH deep and MAX_CONFIG_ITEMS in all; no string holding `${` (an OmegaConf
+    interpolation or resolver, such as `${oc.create:{_target_: ...}}` or `${key}` pointing at an
+    unchecked node: resolving one can build any object, so none is ever resolved); and of Hydra's
+    underscore keys only `_target_` (checked against the allowlist by discrete_vae.build),
+    `_convert_` and `_partial_` with their plain values (`_args_`, `_recursive_` and the like
+    are never written by scripts/train.py)."""
+    stack, seen = [(tree, where, 0)], 0
+    while stack:
+        node, key, depth = stack.pop()
+        seen += 1
+        if depth > MAX_CONFIG_DEPTH or seen > MAX_CONFIG_ITEMS:
+            return f"its {where} is nested deeper than {MAX_CONFIG_DEPTH} or holds over {MAX_CONFIG_ITEMS} values"
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if not isinstance(name, str):
+                    return f"{key} has a key that is not a string ({type(name).__name__})"
+                if "${" in name:
+                    return f"{key} has a key holding an interpolation ({name[:60]!r})"
+                if name.startswith("_") and name.endswith("_"):
+                    allowed = SPECIAL_KEYS.get(name, ())
+                    if allowed is not None and value not in allowed:
+                        return f"{key}.{name}={repr(value)[:60]} is not a setting scripts/train.py writes"
+                stack.append((value, f"{key}.{name}", depth + 1))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, f"{key}[{i}]", depth + 1) for i, value in enumerate(node))
+        elif isinstance(node, str):
+            if "${" in node:
+                return f"{key}={node[:80]!r} is an interpolation, which loading would resolve"
+        elif node is not None and not isinstance(node, (bool, int, float)):
+            return f"{key} holds a {type(node).__name__}, not plain data"
+    return None
 
 
 # Checkpoints written before the model's maths moved out of the LightningModule (discrete_vae.vae)

@@ -8,6 +8,7 @@ for Lightning to delete. The marker never appears and the outside file survives.
 from __future__ import annotations
 
 import errno
+import functools
 import pathlib
 import shutil
 
@@ -43,6 +44,27 @@ class Touch:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
+def _path(p) -> str:
+    return f"{{_target_: pathlib.Path, _args_: ['{p}']}}"
+
+
+# a stored config whose strings are OmegaConf interpolations: resolving one builds what it names
+INTERPOLATIONS = {
+    # a resolver that builds a target hidden in a string: truncates the victim
+    "resolver": lambda marker, victim: {"estimator": {
+        "_target_": "discrete_vae.estimators.GumbelSoftmax",
+        "tau": f"${{oc.create:{{_target_: pathlib.Path.write_text, _args_: [{_path(victim)}, '']}}}}"}},
+    # a reference to a top-level key that the allowlist does not look at
+    "reference": lambda marker, victim: {
+        "estimator": {"_target_": "discrete_vae.estimators.GumbelSoftmax", "tau": "${evil}"},
+        "evil": {"_target_": "pathlib.Path.touch", "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}]}},
+    # a module written onto sys.path[0], then imported by a later target
+    "module": lambda marker, victim: {"latent": {
+        "_target_": "discrete_vae.latents.Categorical", "num_latents": 2,
+        "num_categories": f"${{oc.create:{{_target_: pathlib.Path.write_text, _args_: "
+                          f"[{_path(marker.parent / 'evil_module.py')}, 'import os']}}}}"}},
+}
+
 RUN_OF = {"train": "resumed", "tampered_last": "tampered"}  # the run folder each way trains in
 
 
@@ -54,8 +76,10 @@ def crafted(trained: pathlib.Path, route: str, tmp: pathlib.Path, way: str) -> t
     if route == "pickle":
         checkpoint["extra"] = Touch(marker)
     elif route == "target":
-        checkpoint["config"]["estimator"] = {"_target_": "builtins.open", "_args_": [str(marker), "w"]}
+        checkpoint["config"]["estimator"] = {"_target_": "builtins.open", "file": str(marker), "mode": "w"}
         checkpoint["config"]["data"]["_target_"] = "pathlib.Path.touch"
+    elif route in INTERPOLATIONS:
+        checkpoint["config"].update(INTERPOLATIONS[route](marker, victim))
     else:  # callback state naming a file outside the run folder, as the worst model: the next to go
         here = tmp / RUN_OF.get(way, "run") / "checkpoints"  # the folder it is restored into: Lightning trusts it
         outside = f"{here}/../../{victim.name}"
@@ -106,9 +130,12 @@ def open_it(way: str, path: pathlib.Path, trained: pathlib.Path, tmp: pathlib.Pa
 WAYS = ("evaluate", "gradient_study", "train", "tampered_last")
 
 
-@pytest.mark.parametrize("route", ["pickle", "target", "path"])
+@pytest.mark.parametrize("route", ["pickle", "target", "path", *INTERPOLATIONS])
 def test_a_crafted_checkpoint_runs_nothing_and_deletes_nothing(route, trained, tmp_path, monkeypatch):
-    for way in WAYS:
+    # the interpolations are refused where every way reads a checkpoint (read_checkpoint): the two
+    # training ways, each a process of its own, for one of them
+    ways = WAYS if route in ("pickle", "target", "path", "resolver") else WAYS[:2]
+    for way in ways:
         tmp = tmp_path / way
         tmp.mkdir()
         checkpoint, marker, victim = crafted(trained, route, tmp, way)
@@ -120,12 +147,16 @@ def test_a_crafted_checkpoint_runs_nothing_and_deletes_nothing(route, trained, t
         assert not marker.exists(), f"{route} via {way}: the checkpoint ran code"
         assert victim.read_text() == "a colleague's file\n", f"{route} via {way}: a file outside the run was touched"
         assert "Traceback" not in proc.stderr, (route, way, proc.stderr[-2000:])
+        assert not (tmp / "evil_module.py").exists(), f"{route} via {way}: a module was written"
         if route == "pickle":
             assert proc.returncode == 1 and "holds Python objects, and loading them could run code" in proc.stderr
         elif route == "target" and way in ("evaluate", "gradient_study"):
             assert proc.returncode == 1 and "estimator._target_='builtins.open'" in proc.stderr, proc.stderr[-2000:]
         elif route == "path":
             assert proc.returncode == 0, (way, proc.stderr[-2000:])
+        elif route in INTERPOLATIONS:
+            assert proc.returncode == 1 and "refused the checkpoint" in proc.stderr, (way, proc.stderr[-2000:])
+            assert "is an interpolation" in proc.stderr or "_args_" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -143,3 +174,29 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monk
     monkeypatch.undo()
     assert io.load_checkpoint(path)["global_step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"estimator": {"tau": "${oc.env:HOME}"}}, "config.estimator.tau='${oc.env:HOME}' is an interpolation"),
+    ({"a": {"${x}": 1}}, "config.a has a key holding an interpolation"),
+    ({"a": [1, {"b": "x ${y} z"}]}, "config.a[1].b='x ${y} z' is an interpolation"),
+    ({"estimator": {"_target_": "x", "_args_": [1]}}, "config.estimator._args_=[1] is not a setting"),
+    ({"estimator": {"_recursive_": False}}, "_recursive_=False is not a setting"),
+    ({"model": {"_convert_": "anything"}}, "_convert_='anything' is not a setting"),
+    ({"a": {1: 2}}, "config.a has a key that is not a string"),
+    ({"a": b"bytes"}, "config.a holds a bytes, not plain data"),
+    ({"a": functools.reduce(lambda tree, _: [tree], range(40), 0)}, "nested deeper than 32"),
+])
+def test_a_checkpoint_config_that_is_not_plain_data_is_named(config, problem):
+    from discrete_vae.checkpoints import plain_data_problem
+
+    assert problem in plain_data_problem(config, "config")
+
+
+def test_the_config_train_writes_is_plain_data(trained):
+    from discrete_vae.checkpoints import plain_data_problem
+
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["config"]["model"]["_convert_"] == "all"
+    for node in ("config", "choices", "hyper_parameters"):
+        assert plain_data_problem(checkpoint[node], node) is None

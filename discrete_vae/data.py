@@ -8,8 +8,10 @@ Python, no PIL.
 - `BinarizedMNIST`: the statically binarized MNIST of Larochelle & Murray (2011),
   50,000 / 10,000 / 10,000, read from `binarized_mnist_{split}.amat[.gz]` under
   `<root>/binarized_mnist/`, downloaded when missing.
-- `DynamicMNIST`: torchvision's MNIST (60,000 / 10,000 grayscale), binarized with a
-  fresh Bernoulli draw per batch; 10,000 validation images held out by a fixed seed.
+- `DynamicMNIST`: MNIST (60,000 / 10,000 grayscale) from torchvision's raw IDX files
+  (`<root>/MNIST/raw/*-images-idx3-ubyte[.gz]`, read here, never torchvision's pickled
+  `processed/*.pt`), binarized with a fresh Bernoulli draw per batch; 10,000 validation
+  images held out by a fixed seed. `DynamicFashionMNIST` likewise.
 
 The data root is `data.root`, else $DISCRETE_VAE_DATA, else ./data.
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import struct
 import tempfile
 import time
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +41,8 @@ BINARIZED_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_m
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 NUM_ROWS = {"train": 50_000, "valid": 10_000, "test": 10_000}
 NUM_PIXELS = 784
-MAX_AMAT_BYTES = {split: 2 * NUM_PIXELS * rows + 4096 for split, rows in NUM_ROWS.items()}  # the text, and a margin
+# the text (with room for Windows' "\r\n" line ends), and a margin
+MAX_AMAT_BYTES = {split: (2 * NUM_PIXELS + 1) * rows + 4096 for split, rows in NUM_ROWS.items()}
 DOWNLOAD_DEADLINE_S = 600  # a whole download, however slowly the bytes come
 # SHA-256 of the canonical uncompressed .amat files, checked after a download.
 AMAT_SHA256 = {
@@ -56,6 +61,20 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         source = "data.root" if root else ("$DISCRETE_VAE_DATA" if os.environ.get("DISCRETE_VAE_DATA") else "./data")
         raise DataError(f"{source} is {path}, a file: point it at the folder that holds binarized_mnist/")
     return path
+
+
+def _require_readable(folder: Path) -> None:
+    """A DataError naming `folder` when it exists but cannot be listed (mode 000, another user's):
+    otherwise the first look inside it fails with a PermissionError naming some file below it,
+    or (with `os.path.exists`) reports files that are there as missing."""
+    try:
+        with os.scandir(folder):
+            pass
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there: the caller reports what is missing, or downloads it
+    except PermissionError:
+        raise DataError(f"{folder} cannot be read (permission denied): give this user read access to it "
+                        f"(chmod u+rx), or point data.root (or $DISCRETE_VAE_DATA) at another folder") from None
 
 
 class Batches:
@@ -139,6 +158,7 @@ class Batches:
 # -- statically binarized MNIST ---------------------------------------------------------------
 def _parse_amat(raw: bytes, path: Path, expected_rows: int) -> np.ndarray:
     """Bytes of an .amat file -> (rows, 784) uint8 of 0/1, with errors naming the problem."""
+    raw = raw.replace(b"\r\n", b"\n")  # a copy saved on Windows: same rows, and the fast path still applies
     lines = raw.split(b"\n")
     if lines and lines[-1].strip() == b"":
         lines.pop()
@@ -184,9 +204,10 @@ def _copy_bounded(response, out, max_bytes: int, url: str) -> None:
         out.write(chunk)
 
 
-def _download(url: str, target: Path, sha256: str, max_bytes: int) -> None:
-    """Download to a temporary file beside `target`, check it, and rename it only when complete;
-    the temporary `.part` file is removed whatever happens."""
+def _download(url: str, target: Path, digest: str, max_bytes: int, offline_fix: str, algorithm: str = "sha256") -> None:
+    """Download to a temporary file beside `target`, check its `algorithm` digest, and rename it only
+    when complete; the temporary `.part` file is removed whatever happens. `offline_fix` ends the
+    message of a failed download: which files to put where by hand."""
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
@@ -194,17 +215,14 @@ def _download(url: str, target: Path, sha256: str, max_bytes: int) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             _copy_bounded(response, out, max_bytes, url)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        if digest != sha256:
-            raise DataError(f"the file downloaded from {url} has SHA-256 {digest}, expected {sha256}; try again.")
+        got = hashlib.new(algorithm, Path(tmp).read_bytes()).hexdigest()
+        if got != digest:
+            name = {"sha256": "SHA-256", "md5": "MD5"}.get(algorithm, algorithm)
+            raise DataError(f"the file downloaded from {url} has {name} {got}, expected {digest}; try again.")
         os.replace(tmp, target)
         complete = True
     except OSError as err:
-        raise DataError(
-            f"could not download {url} to {target}: {err}. Without internet, put the files "
-            f"binarized_mnist_{{train,valid,test}}.amat (or .amat.gz) in {target.parent} and point "
-            f"data.root (or $DISCRETE_VAE_DATA) at its parent."
-        ) from err
+        raise DataError(f"could not download {url} to {target}: {err}. Without internet, {offline_fix}") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -220,6 +238,8 @@ def binarized_mnist_path(root: Path, split: str, download: bool) -> Path:
     """The file of one split ('train', 'valid', 'test'), downloading it if allowed and missing."""
     folder = root / "binarized_mnist"
     name = f"binarized_mnist_{split}.amat"
+    _require_readable(root)
+    _require_readable(folder)
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.is_file():
             return candidate
@@ -229,7 +249,9 @@ def binarized_mnist_path(root: Path, split: str, download: bool) -> Path:
             f"Put the file there, set data.root=DIR or $DISCRETE_VAE_DATA=DIR to a folder holding "
             f"binarized_mnist/, or allow the download with data.download=true."
         )
-    _download(BINARIZED_URL + name, folder / name, AMAT_SHA256[split], MAX_AMAT_BYTES[split])
+    offline_fix = (f"put the files binarized_mnist_{{train,valid,test}}.amat (or .amat.gz) in {folder} and point "
+                   f"data.root (or $DISCRETE_VAE_DATA) at its parent.")
+    _download(BINARIZED_URL + name, folder / name, AMAT_SHA256[split], MAX_AMAT_BYTES[split], offline_fix)
     return folder / name
 
 
@@ -243,12 +265,82 @@ def load_binarized_mnist(root: Path, split: str, download: bool = True) -> Tenso
             raw = f.read(limit + 1)
     except PermissionError:
         raise DataError(f"{path} is not readable (permission denied): give this user read access to it") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read {path}: {err}. The file is corrupt; delete it and download it again.") from None
     if len(raw) > limit:
         raise DataError(f"{path} holds more than the {NUM_ROWS[split]:,} images of the canonical file "
                         f"({limit:,} bytes at most): it is not the binarized MNIST; delete it to download it again.")
     return torch.from_numpy(_parse_amat(raw, path, NUM_ROWS[split]))
+
+
+# -- MNIST and Fashion-MNIST, from torchvision's raw IDX files ----------------------------------------
+# An IDX file: a 4-byte magic (0, 0, type code, number of dimensions), each dimension as a big-endian
+# uint32, then the values. MNIST's images files are unsigned bytes (type 0x08) of (count, 28, 28).
+IDX_IMAGES = {"train": 60_000, "t10k": 10_000}  # images in each canonical file, by name prefix
+IDX_SIDE = 28
+IDX_UBYTE = 0x08
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+
+
+def _idx_fix(path: Path) -> str:
+    """How to replace a bad IDX file (the messages name `path` already)."""
+    return f"delete it and allow the download (data.download=true), or put the canonical {path.name} there"
+
+
+def _read_idx_header(f, path: Path, shape: tuple[int, ...]) -> None:
+    """Check an IDX header against the `shape` of unsigned bytes it must announce, reading only the
+    header: a file claiming gigabytes is refused before a byte of its body is read."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        what = "is empty" if not magic else f"has {len(magic)} bytes, too few for an IDX header"
+        raise DataError(f"{path} {what}: it is not an IDX images file; {_idx_fix(path)}.")
+    zeros, code, ndim = magic[:2], magic[2], magic[3]
+    expected = (IDX_UBYTE << 8) | len(shape)
+    if zeros != b"\0\0" or code not in IDX_TYPES or ndim != len(shape):
+        raise DataError(f"{path} has the magic number 0x{int.from_bytes(magic, 'big'):08X}, expected "
+                        f"0x{expected:08X} (an IDX file of {len(shape)}-d unsigned bytes): it is not an MNIST "
+                        f"images file; {_idx_fix(path)}.")
+    if code != IDX_UBYTE:
+        raise DataError(f"{path} holds {IDX_TYPES[code]} values (IDX type 0x{code:02X}), expected unsigned bytes "
+                        f"(0x{IDX_UBYTE:02X}): it is not the canonical MNIST file; {_idx_fix(path)}.")
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{path} ends inside its header: the file is truncated; {_idx_fix(path)}.")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    if dims != shape:
+        times = lambda sizes: " x ".join(f"{d:,}" for d in sizes)  # noqa: E731
+        raise DataError(f"{path} announces {times(dims)} values, expected {times(shape)} (the canonical file): "
+                        f"refused unread; {_idx_fix(path)}.")
+
+
+def read_idx(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An IDX file of unsigned bytes, plain or .gz, whose header must announce exactly `shape` -> a
+    uint8 array of that shape. The body is read with a bound (its size and one byte more), so a
+    gzip that inflates to gigabytes costs no more than the canonical file."""
+    size = int(np.prod(shape))
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            _read_idx_header(f, path, shape)
+            body = f.read(size + 1)
+    except PermissionError:
+        raise DataError(f"{path} is not readable (permission denied): give this user read access to it") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {err}. The file is corrupt; {_idx_fix(path)}.") from None
+    if len(body) < size:
+        raise DataError(f"{path} holds {len(body):,} bytes of values, fewer than the {size:,} its header "
+                        f"announces: the file is truncated; {_idx_fix(path)}.")
+    if len(body) > size:
+        raise DataError(f"{path} holds more than the {size:,} bytes of values its header announces: it is not "
+                        f"the canonical file; {_idx_fix(path)}.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()  # (count, 28, 28)
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    """`folder/name`, else `folder/name.gz` (a download kept compressed), else None."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class _TensorDataModule(L.LightningDataModule):
@@ -282,7 +374,11 @@ class _TensorDataModule(L.LightningDataModule):
 
     def load_splits(self) -> dict[str, Tensor]:
         if not self.splits:
-            self.splits = self.load()
+            try:
+                self.splits = self.load()
+            except PermissionError as err:  # past the folder checks, e.g. a folder listable but not searchable
+                raise DataError(f"{err.filename or self.root} cannot be read (permission denied): give this user "
+                                f"access to it, or point data.root (or $DISCRETE_VAE_DATA) elsewhere") from None
         return self.splits
 
     def setup(self, stage: str | None = None) -> None:
@@ -329,7 +425,7 @@ class BinarizedMNIST(_TensorDataModule):
 
 
 class DynamicMNIST(_TensorDataModule):
-    """torchvision MNIST, dynamically binarized per training batch.
+    """MNIST from torchvision's raw IDX files (read by `read_idx`), dynamically binarized per training batch.
 
     The last `num_val` of a fixed permutation (seed `split_seed`) of the 60k training images
     are held out for validation. Validation and test images are binarized once with a fixed
@@ -337,7 +433,11 @@ class DynamicMNIST(_TensorDataModule):
     """
 
     binarize_train = True
-    dataset = "MNIST"  # the torchvision class, and the folder under data.root that holds it
+    dataset = "MNIST"  # the folder under data.root that holds raw/, as torchvision lays it out
+    # torchvision's mirrors and MD5s of the compressed images files (labels are not used: no supervision)
+    mirrors = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+    md5 = {"train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+           "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3"}
 
     def __init__(self, *args, num_val: int = 10_000, split_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -345,19 +445,59 @@ class DynamicMNIST(_TensorDataModule):
         require_number("data.split_seed", split_seed, integer=True, low=0)
         self.num_val, self.split_seed = num_val, split_seed
 
-    def load(self) -> dict[str, Tensor]:
-        import torchvision.datasets
+    def _raw_folder(self) -> Path:
+        return self.root / self.dataset / "raw"
 
-        source = getattr(torchvision.datasets, self.dataset)
-        try:
-            train = source(str(self.root), train=True, download=self.download).data
-            test = source(str(self.root), train=False, download=self.download).data
-        except RuntimeError as err:
+    def _images_files(self) -> dict[str, Path]:
+        """The train and t10k images files, downloaded if allowed and missing. torchvision's
+        `processed/*.pt` are pickles (unpickling runs code): they are never read, only named."""
+        raw = self._raw_folder()
+        for folder in (self.root, self.root / self.dataset, raw):
+            _require_readable(folder)
+        names = {prefix: f"{prefix}-images-idx3-ubyte" for prefix in IDX_IMAGES}
+        found = {prefix: _idx_file(raw, name) for prefix, name in names.items()}
+        missing = [name for prefix, name in names.items() if found[prefix] is None]
+        if not missing:
+            return found
+        if self.download:
+            for name in missing:
+                self._download_images(raw, name)
+            return {prefix: _idx_file(raw, name) for prefix, name in names.items()}
+        processed = self.root / self.dataset / "processed"
+        pickles = sorted(p.name for p in processed.glob("*.pt")) if processed.is_dir() else []
+        if pickles:
             raise DataError(
-                f"torchvision {self.dataset} not found under {self.root / self.dataset} ({err}). Allow the download "
-                f"with data.download=true or point data.root (or $DISCRETE_VAE_DATA) at a folder holding "
-                f"{self.dataset}/raw."
-            ) from err
+                f"{processed} holds only torchvision's pickled cache ({', '.join(pickles)}), never loaded (a pickle "
+                f"can run code): the raw IDX files are needed. Put {' and '.join(missing)} (or .gz) in {raw}, or "
+                f"allow the download with data.download=true."
+            )
+        raise DataError(
+            f"torchvision {self.dataset} not found under {raw}: missing {' and '.join(missing)} (or .gz). Allow the "
+            f"download with data.download=true or point data.root (or $DISCRETE_VAE_DATA) at a folder holding "
+            f"{self.dataset}/raw."
+        )
+
+    def _download_images(self, raw: Path, name: str) -> None:
+        """`name`.gz into `raw`, from the first mirror that serves it with the right MD5 (torchvision's)."""
+        prefix = name.split("-")[0]
+        max_bytes = 16 + IDX_IMAGES[prefix] * IDX_SIDE**2 + 4096  # a .gz of the canonical file is smaller
+        offline_fix = (f"put train-images-idx3-ubyte and t10k-images-idx3-ubyte (or .gz) in {raw} and point "
+                       f"data.root (or $DISCRETE_VAE_DATA) at the folder holding {self.dataset}/.")
+        error = None
+        for mirror in self.mirrors:
+            try:
+                _download(f"{mirror}{name}.gz", raw / f"{name}.gz", self.md5[name], max_bytes, offline_fix, "md5")
+                return
+            except DataError as err:
+                error = err
+        raise error
+
+    def load(self) -> dict[str, Tensor]:
+        files = self._images_files()
+        train, test = (
+            torch.from_numpy(read_idx(files[prefix], (IDX_IMAGES[prefix], IDX_SIDE, IDX_SIDE)))
+            for prefix in ("train", "t10k")
+        )  # (count, 28, 28) uint8 each
         if self.num_val >= len(train):
             raise DataError(f"data.num_val={self.num_val} leaves no training images of the {len(train)}; lower it")
         generator = torch.Generator().manual_seed(self.split_seed)
@@ -372,8 +512,11 @@ class DynamicMNIST(_TensorDataModule):
 
 
 class DynamicFashionMNIST(DynamicMNIST):
-    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) through torchvision, 60k / 10k grey-level images
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) in torchvision's layout, 60k / 10k grey-level images
     of clothes, dynamically binarized as `DynamicMNIST` (the DisARM experiments' `fashion_mnist`);
     downloaded on first use into <root>/FashionMNIST/raw."""
 
     dataset = "FashionMNIST"
+    mirrors = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
+    md5 = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+           "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79"}

@@ -3,7 +3,11 @@ downloads are atomic; batches cover each split once per epoch."""
 
 import gzip
 import hashlib
+import os
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,10 +193,14 @@ def test_ranks_take_disjoint_shares_that_cover_the_epoch():
     assert sorted(torch.cat(shares).tolist()) == list(range(40))
 
 
+@pytest.fixture
+def small_idx(monkeypatch):
+    """Make the expected IDX image counts tiny (30 train, 7 test), as `write_idx_mnist` writes them."""
+    monkeypatch.setattr(D, "IDX_IMAGES", {"train": 30, "t10k": 7})
+
+
 def write_idx_mnist(root, n_train, n_test, dataset="MNIST"):
     """Tiny torchvision-format MNIST or Fashion-MNIST (IDX files) under root/<dataset>/raw."""
-    import struct
-
     raw = root / dataset / "raw"
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -204,9 +212,9 @@ def write_idx_mnist(root, n_train, n_test, dataset="MNIST"):
 
 
 @pytest.mark.parametrize("module", [D.DynamicMNIST, D.DynamicFashionMNIST])
-def test_dynamic_mnist_splits_and_binarization(tmp_path, module):
-    """MNIST and Fashion-MNIST through the real torchvision code path, from small IDX files of the
-    canonical format (no download here)."""
+def test_dynamic_mnist_splits_and_binarization(tmp_path, small_idx, module):
+    """MNIST and Fashion-MNIST through our IDX reader, from small IDX files of the canonical format
+    (no download here)."""
     write_idx_mnist(tmp_path, n_train=30, n_test=7, dataset=module.dataset)
     dm = module(root=str(tmp_path), download=False, num_val=10, batch_size=4)
     splits = dm.load_splits()
@@ -221,7 +229,7 @@ def test_dynamic_mnist_splits_and_binarization(tmp_path, module):
     assert batch.shape == (4, 784) and set(batch.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_dynamic_mnist_missing_is_a_clear_error(tmp_path):
+def test_dynamic_mnist_missing_is_a_clear_error(tmp_path, small_idx):
     with pytest.raises(DataError, match="data.download=true"):
         D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()
     with pytest.raises(DataError, match="torchvision FashionMNIST not found under .*FashionMNIST"):
@@ -287,3 +295,195 @@ def test_a_download_past_its_size_or_deadline_is_stopped_and_leaves_nothing(tmp_
     with pytest.raises(DataError, match=message):
         D.load_binarized_mnist(tmp_path / "data", "test", download=True)
     assert not (tmp_path / "data").exists(), "no .part file, nor the folders made for it, is left"
+
+
+# -- hostile IDX files, torchvision's pickles, unreadable folders, Windows line ends ----------------
+def idx_header(magic, *dims):
+    return struct.pack(f">I{len(dims)}I", magic, *dims)
+
+
+BAD_IDX = {  # name -> (bytes of train-images-idx3-ubyte, the message expected); counts as `small_idx`
+    "gigabytes": (idx_header(2051, 60_000, 280_000, 280_000) + bytes(100),
+                  r"announces 60,000 x 280,000 x 280,000 values, expected 30 x 28 x 28 \(the canonical file\)"),
+    "huge_image": (idx_header(2051, 30, 65_536, 65_536), r"announces 30 x 65,536 x 65,536 values, expected 30 x 28"),
+    "bad_magic": (idx_header(0x12345678, 30, 28, 28) + bytes(30 * 784),
+                  r"magic number 0x12345678, expected 0x00000803"),
+    "labels_file": (idx_header(2049, 30) + bytes(30), r"magic number 0x00000801, expected 0x00000803"),
+    "empty": (b"", r"-idx3-ubyte(\.gz)? is empty: it is not an IDX images file"),
+    "float32": (idx_header(0x0D03, 30, 28, 28) + bytes(4 * 30 * 784),
+                r"holds float32 values \(IDX type 0x0D\), expected unsigned bytes \(0x08\)"),
+    "short_header": (idx_header(2051, 30), r"ends inside its header: the file is truncated"),
+    "truncated": (idx_header(2051, 30, 28, 28) + bytes(100),
+                  r"holds 100 bytes of values, fewer than the 23,520 its header announces: the file is truncated"),
+    "too_long": (idx_header(2051, 30, 28, 28) + bytes(30 * 784 + 1), r"holds more than the 23,520 bytes of values"),
+}
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("case", sorted(BAD_IDX))
+def test_a_bad_idx_file_is_refused_in_one_line(tmp_path, small_idx, case, gz):
+    write_idx_mnist(tmp_path, n_train=30, n_test=7)
+    content, message = BAD_IDX[case]
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    if gz:
+        path.unlink()
+        path = path.with_name(path.name + ".gz")
+    path.write_bytes(gzip.compress(content) if gz else content)
+    with pytest.raises(DataError, match=message) as err:
+        D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(str(path)) and "data.download=true" in text
+
+
+class CountingFile:
+    """A file that records the size asked of each read."""
+
+    def __init__(self, f, reads):
+        self.f, self.reads = f, reads
+
+    def read(self, size=-1):
+        self.reads.append(size)
+        return self.f.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.f.close()
+
+
+def test_an_idx_header_claiming_gigabytes_is_refused_from_the_header_alone(tmp_path, monkeypatch):
+    """At the canonical sizes: a 16-byte file whose header claims ~5 TB is refused by its header
+    (were the body read first, it would be reported as truncated), and the body is never read."""
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(idx_header(2051, 60_000, 280_000, 280_000))
+    reads, real_open = [], Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: CountingFile(real_open(self, *a, **k), reads))
+    with pytest.raises(DataError, match=r"announces 60,000 x 280,000 x 280,000 values, expected 60,000 x 28 x 28"):
+        D.read_idx(path, (60_000, 28, 28))
+    assert reads == [4, 12], "only the magic and the three dimensions were read"
+
+
+def test_an_idx_gzip_that_inflates_past_its_header_is_refused_with_a_bounded_read(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:  # a few KB on disk, the canonical size and 8 MB more inflated
+        f.write(idx_header(2051, 10_000, 28, 28))
+        for _ in range(16):
+            f.write(bytes(1 << 20))
+    with pytest.raises(DataError, match=r"holds more than the 7,840,000 bytes of values its header announces"):
+        D.read_idx(path, (10_000, 28, 28))
+
+
+def test_torchvision_processed_pickles_are_never_unpickled(tmp_path, small_idx, monkeypatch):
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):  # torchvision's legacy cache: a pickle, loaded by torch.load
+        torch.save((torch.zeros(30, 28, 28, dtype=torch.uint8), torch.zeros(30, dtype=torch.long)), processed / name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data file was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(DataError) as err:
+        D.DynamicMNIST(root=str(tmp_path), download=False).load_splits()
+    text = str(err.value)
+    assert "\n" not in text and "pickled cache (test.pt, training.pt)" in text and "raw IDX files are needed" in text
+    assert str(tmp_path / "MNIST" / "raw") in text and "train-images-idx3-ubyte" in text
+    assert "torch.load" not in Path(D.__file__).read_text(), "no code path of data.py unpickles a file"
+
+
+def test_missing_idx_files_are_downloaded_from_a_mirror_and_checked(tmp_path, small_idx, monkeypatch):
+    """The .gz images files come from the first mirror that serves them with the right MD5; a
+    processed/ pickle beside them is left unread."""
+    write_idx_mnist(tmp_path / "server", n_train=30, n_test=7)
+    server = tmp_path / "server" / "MNIST" / "raw"
+    md5 = {}
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        packed = gzip.compress((server / name).read_bytes())
+        (server / f"{name}.gz").write_bytes(packed)
+        md5[name] = hashlib.md5(packed).hexdigest()
+    monkeypatch.setattr(D.DynamicMNIST, "mirrors", [(tmp_path / "down").as_uri() + "/", server.as_uri() + "/"])
+    monkeypatch.setattr(D.DynamicMNIST, "md5", {**md5, "t10k-images-idx3-ubyte": "0" * 32})
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a data file was unpickled"))
+    root = tmp_path / "root"
+    (root / "MNIST" / "processed").mkdir(parents=True)
+    torch.save(torch.zeros(1), root / "MNIST" / "processed" / "training.pt")
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz has MD5 0*[1-9a-f].*, expected 0{32}; try again"):
+        D.DynamicMNIST(root=str(root), download=True).load_splits()
+    monkeypatch.setattr(D.DynamicMNIST, "md5", md5)
+    splits = D.DynamicMNIST(root=str(root), download=True, num_val=10).load_splits()
+    assert splits["train"].shape == (20, 784) and splits["test"].shape == (7, 784)
+    assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == [f"{n}.gz" for n in sorted(md5)]
+
+
+def refuse_permission(monkeypatch, root, what):
+    """As chmod 000 on `root` would for a user other than root (the tests run as root): listing it
+    fails ("list"), and so does looking at anything below it; or ("search") only the latter, as for a
+    folder with read but no search (x) permission."""
+    real_scandir, real_stat = os.scandir, os.stat
+
+    def below(path, strictly=True):
+        if isinstance(path, int):
+            return False
+        path = Path(os.fsdecode(os.fspath(path))).absolute()
+        return root in path.parents or (not strictly and path == root)
+
+    def scandir(path="."):
+        if what == "list" and below(path, strictly=False):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def stat(path, *args, **kwargs):
+        if below(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("what", ["list", "search"])
+@pytest.mark.parametrize("module", [D.BinarizedMNIST, D.DynamicMNIST])
+def test_an_unreadable_data_root_is_named_in_one_line(tmp_path, small_rows, small_idx, monkeypatch, module, what):
+    root = tmp_path / "data"
+    for split in D.NUM_ROWS:
+        write_amat(root / "binarized_mnist", split, small_rows(D.NUM_ROWS[split]))
+    write_idx_mnist(root, n_train=30, n_test=7)
+    refuse_permission(monkeypatch, root, what)
+    with pytest.raises(DataError) as err:
+        module(root=str(root), download=False, **({"num_val": 10} if module is D.DynamicMNIST else {})).load_splits()
+    text = str(err.value)
+    assert "\n" not in text and "cannot be read (permission denied)" in text and "data.root" in text
+    if what == "list":
+        assert text.startswith(f"{root} cannot be read")
+    else:
+        assert text.startswith(str(root / ("binarized_mnist" if module is D.BinarizedMNIST else "MNIST")))
+
+
+def amat_text(pixels, newline=b"\n"):
+    """(rows, 784) 0/1 uint8 -> the .amat text, built with numpy (quick at the canonical sizes)."""
+    rows = len(pixels)
+    cells = np.stack([pixels + ord("0"), np.full_like(pixels, ord(" "))], axis=2).reshape(rows, -1)[:, :-1]
+    ends = np.frombuffer(newline * rows, dtype=np.uint8).reshape(rows, len(newline))
+    return np.concatenate([cells, ends], axis=1).tobytes()  # "0 1 ... 0" + newline, per row
+
+
+def test_windows_line_ends_load_at_the_canonical_size(tmp_path):
+    """A canonical-size split saved with "\r\n" is one byte a row longer: not "more than 10,000 images"."""
+    pixels = (torch.rand(10_000, 784, generator=torch.Generator().manual_seed(0)) < 0.2).to(torch.uint8).numpy()
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    (folder / "binarized_mnist_test.amat").write_bytes(amat_text(pixels, b"\r\n"))
+    loaded = D.load_binarized_mnist(tmp_path, "test", download=False)
+    assert loaded.shape == (10_000, 784) and torch.equal(loaded, torch.from_numpy(pixels))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_windows_line_ends_load_small_files_with_the_row_count_checked(tmp_path, small_rows, gz):
+    crlf = lambda text: text.replace("\n", "\r\n")  # noqa: E731
+    rows = small_rows(5)
+    write_amat(tmp_path / "binarized_mnist", "train", rows, gz=gz, transform=crlf)
+    assert D.load_binarized_mnist(tmp_path, "train", download=False).tolist() == rows
+    write_amat(tmp_path / "binarized_mnist", "train", rows[:4], gz=gz, transform=crlf)
+    with pytest.raises(DataError, match=r"has 4 lines, expected 5"):
+        D.load_binarized_mnist(tmp_path, "train", download=False)

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from discrete_vae.chain import StochasticChain
-from discrete_vae.checkpoints import read_checkpoint
+from discrete_vae.checkpoints import check_weights_fit, read_checkpoint
 from discrete_vae.errors import ConfigError, DataError, find_user_error
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
@@ -140,6 +140,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     check_targets(checkpoint["config"], trusted_modules)
     cfg = OmegaConf.create(checkpoint["config"])
     model = build_model(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
+    check_weights_fit(model, checkpoint["state_dict"], Path(path))
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)  # trained weights: a later fit keeps its output bias
     return model, cfg

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import pickle
 import time
 import zipfile
@@ -91,7 +92,57 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if problem:
             raise DataError(f"refused the checkpoint {path}: {problem}. A checkpoint's config is plain data, "
                             f"and scripts/train.py writes it resolved; use a checkpoint written by it")
-    return upgrade(checkpoint)
+    checkpoint = upgrade(checkpoint)
+    problem = implausible_state(checkpoint)
+    if problem:
+        raise DataError(f"refused the checkpoint {path}: {problem}")
+    return checkpoint
+
+
+PARTS = ("latent", "model", "estimator", "data")  # the config nodes a checkpoint's model is rebuilt from
+MAX_STEP = 10**10
+
+
+def _optimizer_steps(checkpoint: dict[str, Any]) -> Any:
+    """The optimizer steps Lightning's training loop counted (what a resumed run restores as its
+    global step), or None where the checkpoint has no loop state."""
+    loop = checkpoint.get("loops", {})
+    loop = loop.get("fit_loop", {}) if isinstance(loop, dict) else {}
+    progress = loop.get("epoch_loop.automatic_optimization.optim_progress") if isinstance(loop, dict) else None
+    for key in ("optimizer", "step", "total", "completed"):
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    return progress
+
+
+def implausible_state(checkpoint: dict[str, Any]) -> str | None:
+    """What makes a checkpoint's state one that scripts/train.py cannot have written, or None:
+    a config without its parts; weights that are not finite (a diverged or damaged run, whose
+    bounds would be NaN); a global step that is not a whole number in [0, 1e10], or that
+    disagrees with the optimizer steps of the training loop's own record (the record of the run
+    would claim steps never trained); a wall clock that is not a finite, non-negative number."""
+    cfg = checkpoint["config"]
+    for part in PARTS:
+        if not isinstance(cfg.get(part), dict) or not isinstance(cfg[part].get("_target_"), str):
+            return (f"its config has no {part} node with a _target_ (got {str(cfg.get(part))[:60]!r}), "
+                    f"so its model cannot be rebuilt")
+    for key, value in checkpoint["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            return f"its weight {key} is a {type(value).__name__}, not a tensor"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return (f"its weight {key} holds NaN or infinite values (a run that diverged, or a damaged "
+                    f"file); use an earlier checkpoint of the run")
+    step = checkpoint.get("global_step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        return f"its global_step={str(step)[:40]} is not a whole number of steps in [0, {MAX_STEP:.0e}]"
+    steps = _optimizer_steps(checkpoint)
+    if steps is not None and steps != step:
+        return (f"its global_step={step} disagrees with the {steps} optimizer steps its training loop "
+                f"recorded: it was edited, and a run resumed from it would record steps never trained")
+    clock = checkpoint.get("callbacks", {}).get("WallClock") if isinstance(checkpoint.get("callbacks"), dict) else None
+    elapsed = clock.get("elapsed_s", 0.0) if isinstance(clock, dict) else 0.0
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not 0 <= elapsed < math.inf:
+        return f"its wall clock (WallClock.elapsed_s={str(elapsed)[:40]}) is not a finite, non-negative number of seconds"
+    return None
 
 
 # Hydra's instantiate keys a checkpoint's config may hold, and the values they may take
@@ -212,7 +263,48 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], cfg: dict[str, Any], path:
 
 
 
+def check_weights_fit(module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """A DataError naming the first weight of a checkpoint that the module built from its own config
+    lacks, does not have, or has in another shape (a checkpoint edited, or its config changed):
+    torch's load_state_dict would stop with a traceback listing them all."""
+    own = module.state_dict()
+    for key in sorted(own.keys() | state.keys()):
+        if key not in state:
+            problem = f"has no weight {key}, which its config's model has"
+        elif key not in own:
+            problem = f"has a weight {key} that its config's model does not have"
+        elif tuple(state[key].shape) != tuple(own[key].shape):
+            problem = f"has {key} of shape {tuple(state[key].shape)}, its config's model {tuple(own[key].shape)}"
+        else:
+            continue
+        raise DataError(f"refused the checkpoint {path}: it {problem}, so its weights do not fit its config "
+                        f"(an edited file); use a checkpoint written by scripts/train.py")
+
+
 # -- a resume's housekeeping ---------------------------------------------------------------------
+def _kind(path: Path) -> str:
+    if path.is_symlink():
+        return "a symlink"
+    return "a folder" if path.is_dir() else "not a regular file" if path.exists() else "absent"
+
+
+def check_run_folder(output_dir: Path) -> None:
+    """A ConfigError when the run folder's own places are not what scripts/train.py makes: its
+    `checkpoints/` and `earlier/` folders must be folders of its own (a symlink to elsewhere would
+    have a resume move the run's files out, or someone else's in), and `checkpoints/last.ckpt`,
+    when there is one, a regular file (a folder, a symlink or a device there would otherwise be
+    taken for "no checkpoint", and the run would silently start again from step 0)."""
+    for name in ("checkpoints", EARLIER_DIR):
+        place = output_dir / name
+        if place.is_symlink() or (place.exists() and not place.is_dir()):
+            raise ConfigError(f"{place} is {_kind(place) if place.is_symlink() else 'a file'}, not a folder of the "
+                              f"run's own: remove or rename it, or train in another folder (hydra.run.dir=...)")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if os.path.lexists(last) and (last.is_symlink() or not last.is_file()):
+        raise ConfigError(f"{last} is {_kind(last)}, not a checkpoint file written by scripts/train.py: "
+                          f"remove or rename it (resume=auto would resume from it), or train in another folder")
+
+
 def set_aside_earlier_attempt(output_dir: Path, why: str) -> Path | None:
     """A fresh start in a folder that holds an earlier attempt's files (resume=never, or resume=auto
     with no last.ckpt to resume from): its record, checkpoints (with their scripts/evaluate.py

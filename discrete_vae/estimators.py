@@ -584,6 +584,9 @@ class REBAR(Estimator):
         return term - term.detach() if torch.is_tensor(term) else objective.new_zeros(())
 
 
+MAX_HIDDEN = 16_384  # RELAX's network width: 137 in the papers; a checkpoint's 10^12 would exhaust memory
+
+
 class RELAX(REBAR):
     """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud 2018, Eq. 6 and Alg. 2 for discrete b): REBAR's
     estimator with the control variate made free-form,
@@ -599,7 +602,8 @@ class RELAX(REBAR):
 
     def __init__(self, tau: float = 0.5, scale: float = 1.0, hidden: int = 137, learn: bool = True):
         super().__init__(tau, scale, learn)
-        self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True))
+        self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True, high=MAX_HIDDEN,
+                                         hint="the control variate network's width"))
         self.net: nn.Module | None = None
 
     def check(self, latent: Latent) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import time
 import warnings
@@ -40,7 +41,8 @@ from discrete_vae.build import build, build_model
 from discrete_vae.callbacks import ValidateAtLastStep
 from discrete_vae.checks import check_run, check_trainer, validation_metrics
 from discrete_vae.checkpoints import (
-    AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits,
+    AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, check_run_folder,
+    check_weights_fit,
     clear_past_the_checkpoint, rank, read_checkpoint, set_aside_earlier_attempt,
 )
 from discrete_vae.errors import ConfigError, DataError, RunFolderBusy, TrainingDiverged, find_user_error, require_number
@@ -107,6 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
               f"Use resume=never to run it again.", file=sys.stderr)
         return done
+    check_run_folder(output_dir)
     with run_folder_lock(output_dir):
         return _fit_or_record_failure(cfg, output_dir, start, resume)
 
@@ -157,11 +160,16 @@ def run_folder_lock(output_dir: Path):
         yield
         return
     output_dir.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)  # a FIFO must not block
     try:
-        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(output_dir / LOCK_FILE, flags, 0o644)
     except OSError as err:
         raise RunFolderBusy(f"cannot open the lock file {output_dir / LOCK_FILE} ({err.strerror}): it is a "
                             f"symlink or not writable; remove it, or run in another folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderBusy(f"the lock file {output_dir / LOCK_FILE} is not a regular file (a FIFO or a device); "
+                            f"remove it, or run in another folder")
     with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -316,6 +324,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
     if ckpt_path is not None:  # fails here, with the setting that differs, before any run output
         checkpoint = read_checkpoint(ckpt_path)
         check_checkpoint_fits(checkpoint, model.run_config, ckpt_path, summary["choices"])
+        check_weights_fit(model, checkpoint["state_dict"], ckpt_path)
         resumed_step = checkpoint.get("global_step", 0)
         if not isinstance(resumed_step, int) or resumed_step < 0:
             raise DataError(f"the checkpoint {ckpt_path} has no valid global_step ({resumed_step!r}): it was not "

@@ -60,6 +60,20 @@ def load_script(name: str):
     return module
 
 
+# a short run's settings: one batch a validation and test, no TensorBoard, last.ckpt every 2 steps
+QUICK = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "test_iwae_samples=0", "logger=null",
+         "trainer.enable_progress_bar=false", "callbacks.latest.every_n_train_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_root) -> Path:
+    """A finished 4-step run of scripts/train.py, shared by the tests that craft or open its files
+    (copy what you change: it is never to be written to)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_script("train.py", "trainer.max_steps=4", *QUICK, f"hydra.run.dir={run}")
+    return run
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = shared_data_root()

@@ -17,21 +17,15 @@ import torch
 
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, load_script, run_script, shared_data_root
+from conftest import QUICK, REPO, load_script, run_script, shared_data_root
 from discrete_vae import records
 from discrete_vae.checkpoints import AtomicCheckpointIO
 from discrete_vae.errors import UserError
 
-QUICK = ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "test_iwae_samples=0", "logger=null",
-         "trainer.enable_progress_bar=false", "callbacks.latest.every_n_train_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root) -> pathlib.Path:
-    """A finished 4-step run; checkpoints/last.ckpt is the base of every crafted file."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    run_script("train.py", "trainer.max_steps=4", *QUICK, f"hydra.run.dir={run}")
-    return run
+@pytest.fixture
+def trained(trained_run) -> pathlib.Path:
+    """The shared finished 4-step run; checkpoints/last.ckpt is the base of every crafted file."""
+    return trained_run
 
 
 class Touch:

@@ -1,0 +1,180 @@
+"""A run folder or a checkpoint that scripts/train.py cannot have written is refused in one line,
+before anything runs: planted places in the run folder (a last.ckpt that is a folder, a link or a
+device; checkpoints/ or earlier/ linked elsewhere; a lock file that is a FIFO), and a checkpoint
+whose state is implausible (weights that are not finite or do not fit its config, a step count
+or a wall clock it cannot have, a config without its parts, an uncapped RELAX network).
+
+Everything here runs in this process: scripts/evaluate.py's `run`, and discrete_vae.training's
+`train` in the run folder as its working directory (what scripts/train.py calls under Hydra)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from conftest import QUICK, REPO, load_script
+from discrete_vae.cli import normalize_overrides
+from discrete_vae.errors import UserError
+from discrete_vae.training import train
+
+
+@pytest.fixture
+def run(trained_run, tmp_path) -> pathlib.Path:
+    """A copy of the shared finished run, made unfinished (no metrics.json): resume=auto resumes it."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, symlinks=True)
+    (copy / "metrics.json").unlink()
+    return copy
+
+
+def train_in(folder: pathlib.Path, monkeypatch, *overrides: str):
+    """discrete_vae.training.train with the run folder as its working directory, under a 60 s alarm:
+    a refusal that hangs fails the test instead of the suite."""
+    monkeypatch.chdir(folder)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides]),
+                      return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(folder)
+    HydraConfig.instance().set_config(cfg)  # as hydra.main sets it: the run folder's paths resolve
+    with open_dict(cfg):
+        del cfg["hydra"]
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("training hung"))
+    signal.alarm(60)
+    try:
+        return train(cfg)
+    finally:
+        signal.alarm(0)
+        HydraConfig.instance().cfg = None  # no other test sees this run's Hydra config
+
+
+def error_of(fn) -> str:
+    with pytest.raises(UserError) as caught:
+        fn()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+# -- the run folder -------------------------------------------------------------------------------
+def plant(run: pathlib.Path, what: str, outside: pathlib.Path) -> None:
+    last = run / "checkpoints" / "last.ckpt"
+    if what == "last_is_a_folder":
+        last.unlink()
+        last.mkdir()
+    elif what == "last_is_a_link_loop":
+        last.unlink()
+        last.symlink_to(last)
+    elif what == "last_links_to_dev_zero":
+        last.unlink()
+        last.symlink_to("/dev/zero")
+    elif what in ("checkpoints", "earlier"):  # the folder linked to one outside the run
+        if (run / what).exists():
+            shutil.rmtree(run / what)
+        (run / what).symlink_to(outside, target_is_directory=True)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("last_is_a_folder", "last.ckpt is a folder, not a checkpoint file"),
+    ("last_is_a_link_loop", "last.ckpt is a symlink, not a checkpoint file"),
+    ("last_links_to_dev_zero", "last.ckpt is a symlink, not a checkpoint file"),
+    ("checkpoints", "checkpoints is a symlink, not a folder of the run's own"),
+    ("earlier", "earlier is a symlink, not a folder of the run's own"),
+])
+def test_a_planted_run_folder_is_refused_and_nothing_moves(what, message, run, tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "last.ckpt").write_bytes(b"someone else's file")
+    plant(run, what, outside)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert message in error_of(lambda: train_in(run, monkeypatch))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing moved out, nothing in
+    assert sorted(p.name for p in outside.iterdir()) == ["last.ckpt"]
+    assert (outside / "last.ckpt").read_bytes() == b"someone else's file"
+
+
+def test_a_lock_file_that_is_a_fifo_is_refused_without_blocking(run, monkeypatch):
+    (run / ".training.lock").unlink(missing_ok=True)
+    os.mkfifo(run / ".training.lock")
+    assert "the lock file" in error_of(lambda: train_in(run, monkeypatch))
+    assert "not a regular file" in error_of(lambda: train_in(run, monkeypatch))
+
+
+# -- a checkpoint's state -----------------------------------------------------------------------
+def _first_weight(checkpoint: dict) -> str:
+    return next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and v.dim() == 2)
+
+
+def craft(checkpoint: dict, what: str) -> None:
+    state, config = checkpoint["state_dict"], checkpoint["config"]
+    key = _first_weight(checkpoint)
+    if what == "nan_weights":
+        state[key] = state[key].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    elif what == "huge_step":
+        checkpoint["global_step"] = 10**12
+    elif what == "edited_step":
+        checkpoint["global_step"] += 1000
+    elif what in ("negative_clock", "text_clock"):
+        checkpoint["callbacks"]["WallClock"]["elapsed_s"] = -5.0 if what == "negative_clock" else "an hour"
+    elif what == "size_mismatch":
+        state[key] = torch.zeros(3, 3)
+    elif what == "missing_weight":
+        del state[key]
+    elif what == "not_a_tensor":
+        state[key] = "weights"
+    elif what in ("no_estimator", "no_model"):
+        del config[what[3:]]
+    elif what == "estimator_a_string":
+        config["estimator"] = "gumbel"
+    elif what == "relax_network_uncapped":
+        config["estimator"] = {"_target_": "discrete_vae.estimators.RELAX", "hidden": 10**12}
+
+
+CASES = {
+    "nan_weights": "holds NaN or infinite values",
+    "huge_step": "global_step=1000000000000 is not a whole number of steps",
+    "edited_step": "disagrees with the 4 optimizer steps its training loop recorded",
+    "negative_clock": "WallClock.elapsed_s=-5.0) is not a finite, non-negative number",
+    "text_clock": "WallClock.elapsed_s=an hour) is not a finite, non-negative number",
+    "size_mismatch": "of shape (3, 3), its config's model",
+    "missing_weight": "has no weight",
+    "not_a_tensor": "is a str, not a tensor",
+    "no_estimator": "its config has no estimator node",
+    "no_model": "its config has no model node",
+    "estimator_a_string": "its config has no estimator node with a _target_ (got 'gumbel')",
+    "relax_network_uncapped": "estimator.hidden must be",
+}
+
+
+@pytest.mark.parametrize("what", CASES)
+def test_an_implausible_checkpoint_is_refused_in_one_line(what, trained_run, tmp_path, monkeypatch):
+    """Through scripts/evaluate.py (in this process), and for two of them through a resume."""
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    craft(checkpoint, what)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    monkeypatch.setenv("DISCRETE_VAE_DATA", str(trained_run.parent))  # no data is read before the refusal
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={path}", "num_samples=2", "limit_batches=1"])
+    message = error_of(lambda: load_script("evaluate").run(cfg))
+    assert CASES[what] in message, message
+    assert not list(tmp_path.glob("*_eval_*.json"))  # no result written
+
+
+@pytest.mark.parametrize("what", ["nan_weights", "edited_step", "size_mismatch"])
+def test_a_resume_from_an_implausible_last_ckpt_is_refused_and_keeps_it(what, run, monkeypatch):
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    craft(checkpoint, what)
+    torch.save(checkpoint, last)
+    crafted = last.read_bytes()
+    message = error_of(lambda: train_in(run, monkeypatch))
+    assert CASES[what] in message and str(last) in message, message
+    assert last.read_bytes() == crafted  # kept as it was, for the user to look at

@@ -121,7 +121,16 @@ class Batches:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        """The position a checkpoint saved; one this loader cannot have reached (past the end of
+        an epoch, negative, not a whole number) is refused: resuming from it would skip data."""
+        state = state if isinstance(state, dict) else {}
+        epoch, consumed = state.get("epoch"), state.get("consumed")
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, consumed))
+        if not ok or consumed > len(self):
+            raise DataError(f"the checkpoint's data position (epoch {epoch!r}, batch {consumed!r}) is not one an "
+                            f"epoch of {len(self)} batches can reach: the checkpoint was edited or belongs to "
+                            f"other data; resume from another checkpoint, or start afresh (resume=never)")
+        self.epoch, self.consumed = epoch, consumed
 
     def advance(self, epoch_length: int | float) -> None:
         """One more batch reached the training step; the epoch ends after `epoch_length` of them."""

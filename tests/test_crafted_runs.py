@@ -9,6 +9,7 @@ Everything here runs in this process: scripts/evaluate.py's `run`, and discrete_
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -178,3 +179,17 @@ def test_a_resume_from_an_implausible_last_ckpt_is_refused_and_keeps_it(what, ru
     message = error_of(lambda: train_in(run, monkeypatch))
     assert CASES[what] in message and str(last) in message, message
     assert last.read_bytes() == crafted  # kept as it was, for the user to look at
+
+
+@pytest.mark.parametrize("position", [{"epoch": 0, "consumed": 10**9}, {"epoch": -1, "consumed": 0},
+                                      {"epoch": 0, "consumed": "4"}])
+def test_a_data_position_past_the_epoch_is_refused_on_resume(position, run, monkeypatch):
+    """A data position no epoch reaches (with the step count consistent): the resume stops in one
+    line at the restore, and records no steps it did not train."""
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{**position, "seed": 0}]
+    torch.save(checkpoint, last)
+    message = error_of(lambda: train_in(run, monkeypatch))
+    assert "is not one an epoch of 500 batches can reach" in message, message
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -58,6 +57,10 @@ CURVE_TAG = "val/neg_elbo"
 CURVE_FILE = "val_curve.csv"  # step,val/neg_elbo: a record's validation curve
 LAST_FRACTION = 0.2  # "still falling": the val/neg_elbo drop over the last 20% of the steps
 UNFINISHED_WHY = "no metrics.json: killed, crashed hard, or still running"
+MAX_VALUE = 1e15  # nats per image: a bound beyond this is no measurement (and 1e308s overflow means and plots)
+MAX_YAML_BYTES = 2**20  # .hydra/hydra.yaml is a few KB; PyYAML takes seconds and ~1 KB of memory a node
+MAX_CURVE_BYTES = 8 * 2**20  # val_curve.csv: ~20 bytes an evaluation, 10,000 evaluations are 200 KB
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,7 +103,7 @@ class Run:
             value = self.evaluation.get("metrics", {}).get(name[len("eval/"):])
         else:
             value = self.record.get("metrics", {}).get(name)
-        return None if value is None or not math.isfinite(value) else float(value)
+        return float(value) if measured(value) else None
 
     def last_drop(self) -> float | None:
         """val/neg_elbo at the last evaluation at or before 80% of the steps, minus the final one."""
@@ -134,7 +137,7 @@ def find_runs(root: Path) -> list[Run]:
         record, problem = records.load_record(folder)
         if problem:
             record = {"status": FAILED, "error": f"not a valid run record: {problem}; fix or delete it"}
-        record = record or {}
+        record = records.strict_json(record or {})  # NaN or Infinity read as null, as training writes them
         overrides = record.get("overrides")
         if overrides is None:
             overrides = _yaml(folder / ".hydra" / "overrides.yaml")
@@ -147,12 +150,31 @@ def find_runs(root: Path) -> list[Run]:
     return runs
 
 
+class NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (*name): a kilobyte of nested aliases (the "billion laughs")
+    expands into billions of items, minutes and gigabytes. Hydra never writes an alias into .hydra/."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "found an alias (*name), which .hydra/ files never hold;"
+                                              " write the values out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def _yaml(path: Path):
-    """A YAML file's contents, or None when it is absent or not YAML (a report never stops on one)."""
+    """A YAML file's contents, or None when it is absent or not YAML (a report never stops on one; a
+    file it refuses is named in a warning): read with records.read_small_text (a small regular file,
+    UTF-8) and NoAliasLoader; a nesting too deep for PyYAML's recursion is refused like a syntax error."""
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, ValueError):
+        return yaml.load(records.read_small_text(path, MAX_YAML_BYTES), Loader=NoAliasLoader)  # noqa: S506
+    except FileNotFoundError:
         return None
+    except OSError as err:
+        log.warning("%s cannot be read (%s); the run is listed without it", path, err.strerror or err)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        why = " ".join(str(err).split())  # PyYAML's messages span lines
+        log.warning("%s is not a YAML file of Hydra (%s); the run is listed without it", path, why)
+    return None
 
 
 def excluded_keys(folder: Path) -> set[str]:
@@ -170,23 +192,46 @@ def read_evaluation(folder: Path, record: dict) -> dict | None:
         return None
     path = records.evaluation_path(folder / "checkpoints" / Path(best).name, "test")
     try:
-        evaluation = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent, or not JSON: the run has no evaluation
-    if records.check_evaluation(evaluation) is not None:
+        evaluation = records.strict_json(records.read_json(path))
+    except OSError:  # absent (or its folder is): the run has no evaluation
+        return None
+    except records.BadRecord as err:  # refused, not UTF-8, not JSON, too deep: named, and left out
+        log.warning("%s; the run is listed without its evaluation", err)
+        return None
+    if (problem := records.check_evaluation(evaluation)) is not None:
+        log.warning("%s: %s; the run is listed without its evaluation", path, problem)
         return None
     evaluation["checkpoint"] = Path(evaluation.get("checkpoint", best)).name  # no machine's path
     return evaluation
 
 
+def measured(value) -> bool:
+    """Whether a metric's value is a number a run can have measured: finite and within ±MAX_VALUE. A NaN or
+    an infinity (a run diverging, a hand-edited file) would make every mean, band and axis NaN, and 1e308s
+    overflow them (matplotlib then refuses the axis limits)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and abs(value) <= MAX_VALUE
+
+
+def finite(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The points of a curve whose value was measured (`measured`): the others are dropped."""
+    return [(step, value) for step, value in curve if measured(value)]
+
+
 def read_curve(folder: Path) -> list[tuple[int, float]]:
     """(step, value) of CURVE_TAG: from the folder's val_curve.csv (a record), else from the
-    event files directly in `folder` (a sweep's run), by step."""
-    if (folder / CURVE_FILE).is_file():
+    event files directly in `folder` (a sweep's run), by step; points that are not finite dropped."""
+    try:
+        text = records.read_small_text(folder / CURVE_FILE, MAX_CURVE_BYTES)
+    except FileNotFoundError:
+        text = None
+    except (OSError, ValueError):  # a FIFO, a device, too large, not UTF-8: the run is listed without one
+        return []
+    if text is not None:
         try:
-            with (folder / CURVE_FILE).open() as f:
-                return [(int(row["step"]), float(row[CURVE_TAG])) for row in csv.DictReader(f)]
-        except (OSError, ValueError, KeyError, TypeError, csv.Error):
+            return finite([(int(row["step"]), float(row[CURVE_TAG]))
+                           for row in csv.DictReader(io.StringIO(text, newline=""))])
+        except (ValueError, KeyError, TypeError, csv.Error):
             return []  # a damaged curve: the run is listed without one
     if not any(folder.glob("events.out.tfevents.*")):
         return []
@@ -201,7 +246,7 @@ def read_curve(folder: Path) -> list[tuple[int, float]]:
     if CURVE_TAG not in accumulator.Tags().get("scalars", []):
         return []
     by_step = {e.step: e.value for e in accumulator.Scalars(CURVE_TAG)}  # a resumed run: the latest wins
-    return sorted(by_step.items())
+    return finite(sorted(by_step.items()))
 
 
 def name_configs(runs: list[Run]) -> None:
@@ -220,9 +265,16 @@ def name_configs(runs: list[Run]) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample s.d. of the finite values; None where there are none, or where the numbers are too
+    large to add up (a hostile record's 1e308s: fsum raises OverflowError)."""
+    values = [v for v in values if math.isfinite(v)]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    try:
+        mean, std = statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    except (OverflowError, ValueError):
+        return None, None
+    return (mean, std) if math.isfinite(mean) and (std is None or math.isfinite(std)) else (None, None)
 
 
 def summarise(runs: list[Run]) -> list[dict]:
@@ -253,14 +305,43 @@ def summarise(runs: list[Run]) -> list[dict]:
 
 
 def fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
-    if mean is None:
+    """`mean ± std` for a table; "—" for a value that is missing or not `measured` (never "nan")."""
+    if not measured(mean):
         return "—"
+    if not measured(std):
+        std = None
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")  # what starts a new line anywhere
+
+
+def md_text(value) -> str:
+    """`value` as text on one markdown line: line breaks as spaces (a record's text must not start rows,
+    headings or list items of its own), and `<!--` broken up (`<\\!--` renders the same) so that no record
+    can open a comment or end a <!-- report:NAME --> block that `results` rebuilds."""
+    return LINE_BREAKS.sub(" ", str(value)).replace("<!--", "<\\!--")
+
+
+def md_cell(value) -> str:
+    """`value` as one markdown table cell: `md_text`, with `|` escaped as `\\|` so that it cannot add a
+    column (backslashes just before it doubled: `a\\|` must not become an escaped backslash and a bare `|`)."""
+    return re.sub(r"(\\*)\|", lambda m: m[1] * 2 + "\\|", md_text(value))
+
+
+def md_row(cells) -> str:
+    """One markdown table row: every table of a report is written through here, each cell by `md_cell`."""
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
+def md_head(head: list[str], align: str = "--:") -> list[str]:
+    """A table's header row and its rule: the first column left-aligned, the others `align`."""
+    return [md_row(head), "|" + " --- |" + f" {align} |" * (len(head) - 1)]
 
 
 def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], title: str) -> None:
     lines = [
-        f"# Sweep report: `{title}`",
+        f"# Sweep report: `{md_text(title)}`",
         "",
         f"{len(runs)} runs: {sum(r.status == FINISHED for r in runs)} finished, "
         f"{sum(r.status == FAILED for r in runs)} failed, {sum(r.status == DIVERGED for r in runs)} diverged, "
@@ -268,26 +349,22 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
         f"did not finish. Nats per image, mean ± s.d. over seeds (n - 1); lower is better. "
         f"`val drop, last 20%`: how much val/neg_elbo still fell over the last 20% of the steps.",
         "",
-        "| configuration | seeds | val/neg_elbo | test/neg_elbo | test/nll_iwae | steps | wall time (min) "
-        "| val drop, last 20% | failed | diverged | unfinished |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
+        *md_head(["configuration", "seeds", *METRICS, "steps", "wall time (min)", "val drop, last 20%", "failed",
+                  "diverged", "unfinished"]),
     ]
     for row in rows:
-        lines.append(
-            f"| {row['config']} | {row['n_seeds']} | "
-            + " | ".join(fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS)
-            + f" | {fmt(row['steps_mean'], digits=0)} | {fmt(row['wall_time_min_mean'], digits=1)} | "
-            f"{fmt(row['val_drop_last20_mean'], row['val_drop_last20_std'])} | {row['n_failed']} | {row['n_diverged']} | {row['n_unfinished']} |"
-        )
-    lines += ["", "## Every run", "", "| run | configuration | seed | status | steps | val/neg_elbo | test/neg_elbo "
-              "| test/nll_iwae | wall time (min) |", "| --- | --- | --: | --- | --: | --: | --: | --: | --: |"]  # fmt: skip
+        lines.append(md_row([row["config"], row["n_seeds"], *(fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m in METRICS),
+                             fmt(row["steps_mean"], digits=0), fmt(row["wall_time_min_mean"], digits=1),
+                             fmt(row["val_drop_last20_mean"], row["val_drop_last20_std"]), row["n_failed"],
+                             row["n_diverged"], row["n_unfinished"]]))  # fmt: skip
+    lines += ["", "## Every run", ""]
+    lines += [md_row(["run", "configuration", "seed", "status", "steps", *METRICS, "wall time (min)"]),
+              "| --- | --- | --: | --- | --: | --: | --: | --: | --: |"]
     for run in sorted(runs, key=lambda r: (r.config, str(r.seed))):
         wall = run.record.get("wall_time_s")
-        lines.append(
-            f"| `{where(run, root)}` | {run.config} | {run.seed} | {run.status} "
-            f"| {run.record.get('steps', '—')} | " + " | ".join(fmt(run.metric(m)) for m in METRICS)
-            + f" | {fmt(None if wall is None else wall / 60, digits=1)} |"
-        )
+        lines.append(md_row([f"`{where(run, root)}`", run.config, run.seed, run.status, run.record.get("steps", "—"),
+                             *(fmt(run.metric(m)) for m in METRICS),
+                             fmt(None if wall is None else wall / 60, digits=1)]))  # fmt: skip
     problems = [r for r in runs if r.status != FINISHED]
     lines += ["", "## Runs that failed, diverged or did not finish", ""]
     if not problems:
@@ -295,7 +372,7 @@ def write_markdown(path: Path, root: Path, runs: list[Run], rows: list[dict], ti
     for run in problems:
         why = run.record.get("error") if run.status in (FAILED, DIVERGED) else UNFINISHED_WHY
         last = f" (last val/neg_elbo {run.curve[-1][1]:.2f} at step {run.curve[-1][0]})" if run.curve else ""
-        lines.append(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}")
+        lines.append(md_text(f"- `{where(run, root)}` ({run.config}, seed {run.seed}): **{run.status}**{last}. {why}"))
     records.write_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -312,6 +389,12 @@ def save_figure(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     records.write_atomic(path, buffer.getvalue())
+
+
+def plot_text(value) -> str:
+    """A record's text as a matplotlib label: on one line, and `$` escaped, for matplotlib reads `$...$` as
+    mathtext, and an override such as `x=$\\frac{$` would stop the plot with a ValueError."""
+    return LINE_BREAKS.sub(" ", str(value)).replace("$", r"\$")
 
 
 def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
@@ -331,7 +414,7 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
         values = np.array([[c[s] for s in steps] for c in curves])  # (seeds, steps)
         mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
         style = ("-", "--", ":")[len(ax.get_lines()) // 10 % 3]  # ten colours, then dashed
-        (line,) = ax.plot(steps, mean, style, label=f"{row['config']} (n={len(curves)})", lw=1.5)
+        (line,) = ax.plot(steps, mean, style, label=f"{plot_text(row['config'])} (n={len(curves)})", lw=1.5)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
         tops.append(mean[min(len(mean) - 1, max(1, len(mean) // 10))])
     if tops:
@@ -372,7 +455,7 @@ def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
             ax.scatter(values, [i + offset] * len(values), s=12, color=colour, alpha=0.5)
             ax.errorbar(mean, i + offset, xerr=std or 0, fmt="o", color=colour, capsize=3,
                         label=metric if i == 0 else None)  # fmt: skip
-    ax.set_yticks(range(len(rows)), [row["config"] for row in rows])
+    ax.set_yticks(range(len(rows)), [plot_text(row["config"]) for row in rows])
     ax.invert_yaxis()
     ax.set_xlabel("nats per test image (lower is better)")
     ax.set_title("final test NLL bounds: mean ± 1 s.d. over seeds, dots = seeds")
@@ -487,7 +570,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: str | None, exact: b
     if exact:
         head.append("test NLL (exact)")
     head += ["final val −ELBO", "steps", "min/run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    lines = md_head(head)
     for row in rows:
         done = [r for r in runs if r.config == row["config"] and r.status == FINISHED]
         iwae = [v for r in done if (v := r.metric("eval/nll_iwae")) is not None]
@@ -505,7 +588,7 @@ def results_table(runs: list[Run], rows: list[dict], paper: str | None, exact: b
             cells.append(fmt(*mean_std([v for r in done if (v := r.metric("eval/nll_exact")) is not None])))
         cells += [fmt(row["val/neg_elbo_mean"], row["val/neg_elbo_std"]), fmt(row["steps_mean"], digits=0),
                   fmt(row["wall_time_min_mean"], digits=1)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     return lines
 
 
@@ -516,13 +599,13 @@ def provenance(runs: list[Run]) -> list[str]:
     commits = sorted({str(r.record.get("commit")) for r in finished if r.record.get("commit")})
     hours = sum(r.record.get("wall_time_s") or 0 for r in finished) / 3600
     evaluation = sum(r.evaluation.get("wall_time_s") or 0 for r in finished) / 3600
-    lines = [f"{len(finished)} runs, {hours:.1f} h of training and testing in all"
-             + (f" plus {evaluation:.1f} h of scripts/evaluate.py" if evaluation else "") + "; "
-             + "machines: " + ("; ".join(machines) or "not recorded") + "; "
-             + "commits: " + (", ".join(f"`{c}`" for c in commits) or "not recorded") + "."]
+    lines = [md_text(f"{len(finished)} runs, {fmt(hours, digits=1)} h of training and testing in all"
+                     + (f" plus {fmt(evaluation, digits=1)} h of scripts/evaluate.py" if evaluation else "") + "; "
+                     + "machines: " + ("; ".join(machines) or "not recorded") + "; "
+                     + "commits: " + (", ".join(f"`{c}`" for c in commits) or "not recorded") + ".")]
     others = [r for r in runs if r.status not in DONE]
     for run in others:
-        lines.append(f"- {run.path.name}: {run.status} ({run.record.get('error') or UNFINISHED_WHY})")
+        lines.append(md_text(f"- {run.path.name}: {run.status} ({run.record.get('error') or UNFINISHED_WHY})"))
     return lines
 
 
@@ -558,12 +641,12 @@ def summary_table(experiments: dict[str, list[Run]]) -> list[str]:
         return f"{fmt(*mean_std(values), digits=1)} ({label}, n={len(values)}{budget})"
 
     head = ["estimator", *names] + (["paper, Table 1"] if "jang2017" in names else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    lines = md_head(head)
     for estimator in estimators:
         cells = [estimator, *(cell(name, estimator) for name in names)]
         if "jang2017" in names:
             cells.append(_paper(estimator))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     return lines
 
 
@@ -607,7 +690,7 @@ def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
     estimator (mean over seeds of the m = 1000 bound; † where only trainer.test's smaller-m bound
     exists yet; the budget where it is not the preset's), and our best estimator of any kind in the row."""
     head = ["model", *JANG_ESTIMATORS, "our best (any estimator)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" + " --: |" * (len(head) - 1)]
+    lines = md_head(head)
     for row, (experiment, numbers) in JANG_TABLE1.items():
         runs = experiments.get(experiment, [])
         ours = {paper: estimator for estimator, names in PAPERS[experiment].rows.items() for paper in names}
@@ -622,7 +705,7 @@ def jang_table1(experiments: dict[str, list[Run]]) -> list[str]:
             cells.append(f"{mean:.1f}{mark} (`{estimator}`{f', {budget}' if budget else ''})")
         else:
             cells.append("—")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     return lines
 
 

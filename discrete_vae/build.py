@@ -14,7 +14,9 @@ when the caller names that package (`trusted_modules`, e.g. evaluate.py's truste
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,7 +40,7 @@ from discrete_vae.vae import VAE
 def build(node: Any, **kwargs: Any) -> Any:
     """instantiate(node, **kwargs), with a user's mistake raised as itself."""
     try:
-        return instantiate(node, **kwargs)
+        result = instantiate(node, **kwargs)
     except InstantiationException as err:
         user_error = find_user_error(err)
         if user_error is not None:
@@ -46,13 +48,35 @@ def build(node: Any, **kwargs: Any) -> Any:
         unknown = _unknown_argument(err)
         if unknown is None:
             raise
-        key = node._key() if isinstance(node, DictConfig) else None
-        where = str(key) if key else "the config"
-        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        raise ConfigError(
-            f"{where}.{unknown} is not a setting of {target}; remove it (a key left over from "
-            f"another {where} choice?) or see conf/{where}/ for the settings it takes"
-        ) from None
+        raise _unknown_setting(node, unknown) from None
+    check_partial_settings(node, result)
+    return result
+
+
+def _unknown_setting(node: Any, unknown: str) -> ConfigError:
+    key = node._get_full_key(None) if isinstance(node, DictConfig) else None
+    where = str(key) if key else "the config"
+    target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+    return ConfigError(f"{where}.{unknown} is not a setting of {target}; remove it (a key left over from "
+                       f"another {where} choice?) or see conf/{where.split('.')[0]}/ for the settings it takes")
+
+
+def check_partial_settings(node: Any, result: Any) -> None:
+    """A `_partial_` node (the optimizer) is called later, by code that no config names: its
+    settings are matched against the callable's signature now, so that `+optimizer.lrr=0.1`
+    is one line at start-up rather than a traceback at the first step."""
+    if not isinstance(result, functools.partial):
+        return
+    try:
+        inspect.signature(result.func).bind_partial(**result.keywords)
+    except TypeError:
+        accepted = inspect.signature(result.func).parameters
+        unknown = next((k for k in result.keywords if k not in accepted), None)
+        if unknown is None:
+            raise
+        raise _unknown_setting(node, unknown) from None
+    except ValueError:  # a callable without a signature: nothing to check
+        pass
 
 
 def _unknown_argument(err: BaseException) -> str | None:

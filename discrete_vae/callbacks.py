@@ -19,7 +19,7 @@ import torch
 
 from discrete_vae.checkpoints import best_checkpoint
 from discrete_vae.diagnostics import gradient_diagnostics
-from discrete_vae.errors import ConfigError, TrainingDiverged, require_number
+from discrete_vae.errors import ConfigError, TrainingDiverged, require_budget, require_number
 from discrete_vae.lightning_private import logs_this_step
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class GradientStats(L.Callback):
         require_number(key + "every_n_steps", every_n_steps, positive=True, integer=True)
         require_number(key + "num_estimates", num_estimates, integer=True, low=2, hint="a variance needs two")
         require_number(key + "batch_size", batch_size, positive=True, integer=True)
-        require_number(key + "max_configs", max_configs, positive=True, integer=True)
+        require_budget(key + "max_configs", max_configs)
         require_number(key + "reference_estimates", reference_estimates, integer=True, low=2)
         require_number(key + "reference_num_samples", reference_num_samples, integer=True, low=2)
         if chunk_size is not None:

@@ -69,6 +69,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # mmap on the CPU: checking a checkpoint before Lightning loads it again reads no tensor twice
         mmap = torch.device(map_location).type == "cpu" and zipped
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except PermissionError:
+        raise DataError(f"cannot read the checkpoint {path}: permission denied; give this user read access "
+                        f"to it") from None
     except pickle.UnpicklingError:
         if zipped:  # a well-formed torch file with objects in it
             raise DataError(

@@ -10,17 +10,25 @@ divides by zero; a seed out of range is silently replaced).
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from discrete_vae.errors import ConfigError, require_number
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything and numpy take seeds in [0, 2^32 - 1]
 MATMUL_PRECISIONS = ("highest", "high", "medium")
-PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16", "16")
+# the data, the estimators' noise and the bounds are float32: a double or all-half model fails at its first step
+UNSUPPORTED_PRECISIONS = ("64-true", "64", "16-true", "bf16-true", "transformer-engine")
+CUDA_ONLY_PRECISIONS = ("16-mixed", "16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PROFILERS = (None, "simple", "advanced", "pytorch")
 MAX_TIME = re.compile(r"^\d{1,2}:\d{2}:\d{2}:\d{2}$")  # DD:HH:MM:SS
@@ -54,7 +62,8 @@ def _limit(key: str, value: Any) -> None:
 
 
 def check_run(cfg: Mapping) -> None:
-    """scripts/train.py's own top-level keys."""
+    """scripts/train.py's own top-level keys, and no key it does not know."""
+    check_known_keys(cfg, "train")
     require_seed("seed", cfg.get("seed"))
     if cfg.get("num_threads") is not None:
         require_number("num_threads", cfg.get("num_threads"), positive=True, integer=True, hint="or null")
@@ -80,10 +89,57 @@ def check_monitor(cfg: Mapping) -> None:
     checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
     monitor = checkpoint.get("monitor") if checkpoint else None
     logged = validation_metrics(cfg)
-    if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
+    if isinstance(monitor, str) and monitor not in logged:  # the best checkpoint is chosen at each validation
         hint = "; set val_iwae_samples (e.g. 50) to log it" if monitor == "val/nll_iwae" else ""
         raise ConfigError(f"callbacks.checkpoint.monitor={monitor} is not logged by validation, which logs "
                           f"{', '.join(logged)}{hint}")
+
+
+def check_validation_interval(trainer: Mapping, batches_per_epoch: int) -> None:
+    """A val_check_interval in steps fits in an epoch when validation also follows epochs
+    (check_val_every_n_epoch set): Lightning refuses a longer one with a traceback at fit."""
+    interval, every_epoch = trainer.get("val_check_interval"), trainer.get("check_val_every_n_epoch", 1)
+    if isinstance(interval, int) and every_epoch is not None and interval > batches_per_epoch:
+        raise ConfigError(f"trainer.val_check_interval={interval} steps is longer than an epoch ({batches_per_epoch} "
+                          f"batches); lower it, or set trainer.check_val_every_n_epoch=null to count steps "
+                          f"across epochs")
+
+
+def check_known_keys(cfg: Mapping, config_name: str, groups: tuple[str, ...] = ()) -> None:
+    """Every top-level key of a script's config is one that conf/<config_name>.yaml (or one of its
+    `groups`) defines: a misspelt key added with + (`+optimzer.lr=0.1`, `+num_sample=10`) would
+    otherwise be accepted and silently ignored."""
+    known = known_keys(config_name) | set(groups)
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{key} is not a setting of conf/{config_name}.yaml{hint}: a key added with + is "
+                              f"taken as new, so a misspelt one would be ignored; correct or remove it")
+
+
+@functools.cache
+def known_keys(config_name: str) -> frozenset[str]:
+    """The top-level keys of conf/<config_name>.yaml and the config groups its defaults list names."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(OmegaConf.load(CONF / f"{config_name}.yaml"))
+    groups = {next(iter(entry)).split(" ")[-1] for entry in tree.get("defaults", []) if isinstance(entry, dict)}
+    return frozenset({*tree, *groups} - {"defaults", "hydra", "_self_"})
+
+
+def require_writable_folder(key: str, folder: Path) -> Path:
+    """`folder` (created if absent) takes a new file, or a ConfigError naming `key`: checked before
+    minutes of work whose result would then have nowhere to go (a read-only or full filesystem,
+    a path under a file, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write into {folder} ({err.strerror or err}); give a path in a "
+                          f"writable folder") from None
+    return folder
 
 
 def check_trainer(trainer: Mapping) -> None:
@@ -97,10 +153,21 @@ def check_trainer(trainer: Mapping) -> None:
     if not (devices == "auto" or devices == -1 or isinstance(devices, (list, str)) and devices):
         require_number("trainer.devices", devices, positive=True, integer=True, hint="a count, -1 (all) or auto")
     require_number("trainer.num_nodes", t.get("num_nodes", 1), positive=True, integer=True)
-    require_choice("trainer.precision", str(t.get("precision", "32-true")), PRECISIONS)
+    precision = str(t.get("precision", "32-true"))
+    if precision in UNSUPPORTED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not supported: the data, the noise and the bounds are "
+                          f"float32; use 32-true, bf16-mixed, or 16-mixed on a CUDA GPU")
+    require_choice("trainer.precision", precision, PRECISIONS)
+    on_cpu = t.get("accelerator", "auto") == "cpu" or not torch.cuda.is_available()
+    if precision in CUDA_ONLY_PRECISIONS and on_cpu:
+        raise ConfigError(f"trainer.precision={precision} needs a CUDA GPU (on the CPU Lightning would quietly run "
+                          f"another precision); use bf16-mixed or 32-true here")
     for key in ("max_epochs", "max_steps"):
         if t.get(key) is not None:
             require_number(f"trainer.{key}", t[key], integer=True, low=-1, hint="-1 for no limit")
+            if t[key] == 0:
+                raise ConfigError(f"trainer.{key}=0 trains nothing, and its record would present an untrained "
+                                  f"model as a result; give a positive budget (or -1 for no limit)")
     for key in ("min_epochs", "min_steps"):
         if t.get(key) is not None:
             require_number(f"trainer.{key}", t[key], integer=True, low=0, hint="or null")

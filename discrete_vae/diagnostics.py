@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, count
 from discrete_vae.estimators import RLOO, Estimator, Exact
 from discrete_vae.vae import VAE
 
@@ -228,7 +228,7 @@ def reference_gradient(
     `num_estimates` RLOO(num_samples) estimates (Kool et al. 2019) with its standard error."""
     try:
         if model.num_configs > max_configs:  # every layer's configurations together
-            raise ConfigError(f"{model.num_configs:.4g} configurations")
+            raise ConfigError(f"{count(model.num_configs)} configurations")
         exact = per_layer(model, Exact(max_configs=max_configs))
     except ConfigError:
         if num_estimates < 2:

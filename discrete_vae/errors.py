@@ -54,6 +54,23 @@ def require_number(
     return value
 
 
+# The most configurations any enumeration here takes (estimator=exact, nll_exact, the exact
+# gradient reference), whatever a max_configs budget says: 2^20 per image is already a million
+# decoder passes a step, hours on a CPU; 10^13 would exhaust memory or never finish.
+MAX_CONFIGS = 2**20
+
+
+def require_budget(key: str, value) -> int:
+    """A max_configs budget: a positive integer no larger than MAX_CONFIGS."""
+    return require_number(key, value, positive=True, integer=True, high=MAX_CONFIGS,
+                          hint="larger enumerations do not fit this machine's time or memory")
+
+
+def count(n: int) -> str:
+    """A count of configurations for a message, however large (K^N overflows a float: 10^400)."""
+    return f"{n:.4g}" if n < 10**15 else f"about 10^{len(str(n)) - 1}"
+
+
 def find_user_error(exc: BaseException) -> UserError | None:
     """The first UserError in an exception's cause chain (Hydra's instantiate wraps them)."""
     seen = set()

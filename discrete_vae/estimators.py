@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from discrete_vae import sampling
-from discrete_vae.errors import ConfigError, require_number
+from discrete_vae.errors import ConfigError, count, require_budget, require_number
 from discrete_vae.latents import Latent
 
 CostFn = Callable[[Tensor], Tensor]  # z (*S, B, *param_shape) -> cost (*S, B)
@@ -413,7 +413,7 @@ class Exact(Estimator):
 
     def __init__(self, max_configs: int = 4096, chunk_size: int = 256):
         super().__init__()
-        require_number("estimator.max_configs", max_configs, positive=True, integer=True)
+        require_budget("estimator.max_configs", max_configs)
         require_number("estimator.chunk_size", chunk_size, positive=True, integer=True)
         self.max_configs = int(max_configs)
         self.chunk_size = int(chunk_size)
@@ -423,7 +423,7 @@ class Exact(Estimator):
         total = latent.num_configs
         if total > self.max_configs:
             raise ConfigError(
-                f"estimator=exact enumerates {total:.4g} configurations of {latent.describe()}, over the "
+                f"estimator=exact enumerates {count(total)} configurations of {latent.describe()}, over the "
                 f"budget estimator.max_configs={self.max_configs}. Shrink the latent space (for example "
                 f"latent.num_latents=2 latent.num_categories=10, or experiment=small_exact) or raise "
                 f"estimator.max_configs."

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from discrete_vae.errors import ConfigError
+from discrete_vae.errors import ConfigError, count
 from discrete_vae.chain import chunk_size
 from discrete_vae.vae import VAE
 
@@ -91,7 +91,7 @@ def check_exact(model: VAE, max_configs: int) -> None:
     """Raise ConfigError when the latent type's configurations are over the enumeration budget."""
     if not fits_exact(model, max_configs):
         raise ConfigError(
-            f"nll_exact enumerates {model.num_configs:.4g} configurations of "
+            f"nll_exact enumerates {count(model.num_configs)} configurations of "
             f"{model.describe()}, "
             f"over the budget max_configs={max_configs}; raise max_configs or leave nll_exact out"
         )

@@ -20,8 +20,10 @@ from discrete_vae.errors import ConfigError
 
 def activation_class(name: str) -> type[nn.Module]:
     """torch.nn activation class by name ("ReLU", "ELU", "Tanh", ...), with a clear error."""
-    cls = getattr(nn, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or name[0].islower():
+    cls = getattr(nn, name, None) if isinstance(name, str) and name else None
+    # torch.nn's activation functions: Module, Linear, Sequential, ... are no activation to put between layers
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == nn.modules.activation.__name__
+            and cls is not nn.MultiheadAttention):
         raise ConfigError(
             f"model.activation={name!r} is not a torch.nn activation; use a class name such as "
             f"ReLU, ELU, LeakyReLU, Tanh or GELU"

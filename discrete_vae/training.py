@@ -29,7 +29,6 @@ except ImportError:  # Windows
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -39,7 +38,7 @@ from torch.utils.tensorboard.summary import hparams
 from discrete_vae import records
 from discrete_vae.build import build, build_model
 from discrete_vae.callbacks import ValidateAtLastStep
-from discrete_vae.checks import check_run, check_trainer, validation_metrics
+from discrete_vae.checks import check_run, check_trainer, check_validation_interval, validation_metrics
 from discrete_vae.checkpoints import (
     AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, check_run_folder,
     check_weights_fit,
@@ -289,14 +288,15 @@ def build_run(
     summary = run_summary(cfg)
     model = model if model is not None else build_run_model(cfg, summary["choices"])
     datamodule.load_splits()  # missing or corrupt data fails here, before any run output
+    check_validation_interval(cfg.trainer, _batches_per_epoch(datamodule, cfg.trainer))
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     callbacks += [ValidateAtLastStep(), wall_clock or WallClock()]
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint
-        logger = instantiate(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
-    trainer: L.Trainer = instantiate(
+        logger = build(cfg.logger, **({"purge_step": resumed_step} if resumed_step else {}))
+    trainer: L.Trainer = build(
         cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir),
         plugins=[AtomicCheckpointIO()], **(extra_trainer or {}),
     )
@@ -305,6 +305,24 @@ def build_run(
         params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
         log_hparams(logger, params, [*validation_metrics(cfg), "test/neg_elbo"])
     return datamodule, model, trainer
+
+
+def _batches_per_epoch(datamodule: L.LightningDataModule, trainer_cfg) -> int:
+    """Training batches in an epoch of one process, as Lightning will count them (its limit
+    included); a datamodule of the user's whose loader has no length counts as endless."""
+    try:
+        batches = len(datamodule.train_dataloader())
+    except TypeError:
+        return 2**62
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and devices > 1:
+        batches //= devices
+    limit = trainer_cfg.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return batches
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, clock: WallClock) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from discrete_vae import records
 from discrete_vae.build import build, load_checkpoint
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import resolve_device
-from discrete_vae.checks import require_choice, require_seed
-from discrete_vae.errors import ConfigError, exit_on_user_error, require_number
+from discrete_vae.checks import check_known_keys, require_choice, require_seed, require_writable_folder
+from discrete_vae.errors import ConfigError, count, exit_on_user_error, require_budget, require_number
 from discrete_vae.evaluation import evaluate
 
 SPLITS = ("train", "val", "test")
@@ -30,9 +30,11 @@ PATH_KEYS = ("ckpt_path", "output", "data_root")
 
 def check_options(cfg: DictConfig) -> None:
     """Every option of conf/evaluate.yaml, before anything is read."""
+    check_known_keys(cfg, "evaluate")
     require_choice("split", cfg.split, SPLITS)
-    for key in ("num_samples", "batch_size", "max_rows", "max_configs"):
+    for key in ("num_samples", "batch_size", "max_rows"):
         require_number(key, cfg[key], positive=True, integer=True)
+    require_budget("max_configs", cfg.max_configs)
     require_seed("seed", cfg.seed)
     if cfg.limit_batches is not None:
         require_number("limit_batches", cfg.limit_batches, positive=True, integer=True, hint="or null for all")
@@ -52,6 +54,8 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"no checkpoint at {ckpt}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
     check_options(cfg)
     device = resolve_device(str(cfg.device))
+    output = Path(str(cfg.output)).expanduser() if cfg.output else records.evaluation_path(ckpt, cfg.split)
+    require_writable_folder("the checkpoint's folder" if not cfg.output else "output", output.parent)
 
     start = time.perf_counter()
     module, train_cfg = load_checkpoint(ckpt, map_location=device, trusted_modules=list(cfg.trusted_modules))
@@ -80,10 +84,9 @@ def run(cfg: DictConfig) -> dict:
     }
     if metrics["nll_exact"] is None:
         record["nll_exact_absent"] = (
-            f"{model.num_configs:.4g} configurations ({model.describe()}) is over the "
+            f"{count(model.num_configs)} configurations ({model.describe()}) is over the "
             f"enumeration budget max_configs={cfg.max_configs}"
         )
-    output = Path(cfg.output) if cfg.output else records.evaluation_path(ckpt, cfg.split)
     records.write_json(output, record)
 
     print(f"{ckpt} on {cfg.split} ({record['num_images']} images, m={cfg.num_samples}, seed={cfg.seed}, {device}):")

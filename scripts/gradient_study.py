@@ -13,6 +13,7 @@ into the Hydra run directory. Config: conf/gradient_study.yaml.
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import zlib
 from pathlib import Path
@@ -25,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from discrete_vae import diagnostics
 from discrete_vae.build import build, build_vae, load_checkpoint
 from discrete_vae.devices import describe_device, resolve_device
-from discrete_vae.checks import require_bool, require_seed
-from discrete_vae.errors import ConfigError, exit_on_user_error, require_number
+from discrete_vae.checks import check_known_keys, require_bool, require_seed
+from discrete_vae.errors import ConfigError, exit_on_user_error, require_budget, require_number
 from discrete_vae.estimators import ScoreFunction
 from discrete_vae.vae import VAE
 
@@ -56,11 +57,16 @@ def validation_batch(cfg: DictConfig, device: torch.device, splits: dict[str, to
     return val[: cfg.batch_size].to(device=device, dtype=torch.float32)
 
 
+def estimator_names() -> list[str]:
+    """The estimators this script can study: conf/estimator/*.yaml."""
+    return sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
+
+
 def build_estimators(cfg: DictConfig, model: VAE, device: torch.device):
     """(name, estimators) for each requested YAML file, one estimator per stochastic layer (copies for
     the layers above the first); estimators refused by a layer's latent type (exact over its budget,
     a type it does not support, a chain too costly) are skipped with a printed note."""
-    available = sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
+    available = estimator_names()
     names = list(cfg.estimators) if cfg.estimators is not None else available
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -168,6 +174,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def check_options(cfg: DictConfig) -> None:
     """The options of conf/gradient_study.yaml that this script reads itself, before anything runs
     (the data, latent and model groups check their own)."""
+    check_known_keys(cfg, "gradient_study")
     require_seed("seed", cfg.seed)
     if cfg.num_threads is not None:
         require_number("num_threads", cfg.num_threads, positive=True, integer=True, hint="or null")
@@ -180,7 +187,16 @@ def check_options(cfg: DictConfig) -> None:
         require_number("chunk_size", cfg.chunk_size, positive=True, integer=True, hint="or null")
     require_bool("warm_baseline", cfg.warm_baseline)
     require_number("warm_control_variate", cfg.warm_control_variate, integer=True, low=0, hint="Adam steps, 0 for none")
-    require_number("reference.max_configs", cfg.reference.max_configs, positive=True, integer=True)
+    require_budget("reference.max_configs", cfg.reference.max_configs)
+    available = estimator_names()
+    if cfg.estimators is not None and len(cfg.estimators) == 0:
+        raise ConfigError(f"estimators=[] names no estimator to study; name some (e.g. estimators=[sf,rloo]) "
+                          f"or null for all of {', '.join(available)}")
+    for name in cfg.estimator_options or {}:
+        if name not in available:
+            close = difflib.get_close_matches(str(name), available, n=1)
+            raise ConfigError(f"estimator_options.{name}: no estimator is called {name}"
+                              f"{f' (did you mean {close[0]}?)' if close else ''}; choose from {', '.join(available)}")
     require_number("reference.num_estimates", cfg.reference.num_estimates, integer=True, low=2)
     require_number("reference.num_samples", cfg.reference.num_samples, integer=True, low=2)
     if cfg.ckpt_path is not None and not Path(str(cfg.ckpt_path)).expanduser().is_file():

@@ -96,6 +96,12 @@ def test_clipping_under_mixed_precision_trains_with_an_unfused_adam():
     del fused
 
 
+def script_config(name: str):
+    """conf/<name>.yaml as the script sees it: without Hydra's own nodes."""
+    cfg = OmegaConf.load(REPO / "conf" / f"{name}.yaml")
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("defaults", "hydra")])
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("num_samples", True, "num_samples must be an integer, got True"),
     ("num_samples", 0, "num_samples must be positive"),
@@ -107,9 +113,12 @@ def test_clipping_under_mixed_precision_trains_with_an_unfused_adam():
     ("max_rows", 0, "max_rows must be positive"),
     ("data_root", str(REPO / "README.md"), "data_root=.*README.md is a file"),
     ("output", str(REPO), "output=.* is a folder"),
+    ("max_configs", 10**13, "max_configs must be at most 1048576"),
+    ("max_configs", 10**30, "max_configs must be at most 1048576"),
+    ("num_sample", 10, r"num_sample is not a setting of conf/evaluate.yaml \(did you mean num_samples\?\)"),
 ])
 def test_evaluate_options(key, value, message):
-    cfg = OmegaConf.load(REPO / "conf" / "evaluate.yaml")
+    cfg = script_config("evaluate")
     cfg.ckpt_path = "x.ckpt"
     evaluate = load_script("evaluate")
     evaluate.check_options(cfg)
@@ -129,9 +138,15 @@ def test_evaluate_options(key, value, message):
     ("warm_baseline", "maybe", "warm_baseline must be true or false"),
     ("warm_control_variate", -1, "warm_control_variate must be at least 0"),
     ("ckpt_path", "/nowhere.ckpt", "no checkpoint at /nowhere.ckpt"),
+    ("estimators", [], r"estimators=\[\] names no estimator to study"),
+    ("estimator_options", {"bogus": {"tau": 1}}, r"estimator_options.bogus: no estimator is called bogus; choose"),
+    ("estimator_options", {"gumbell": {"tau": 1}}, r"no estimator is called gumbell \(did you mean gumbel\?\)"),
+    ("reference", {"max_configs": 10**13, "num_estimates": 10, "num_samples": 10},
+     "reference.max_configs must be at most 1048576"),
+    ("num_estimate", 10, "num_estimate is not a setting of conf/gradient_study.yaml \\(did you mean num_estimates"),
 ])
 def test_gradient_study_options(key, value, message):
-    cfg = OmegaConf.load(REPO / "conf" / "gradient_study.yaml")
+    cfg = script_config("gradient_study")
     study = load_script("gradient_study")
     study.check_options(cfg)
     cfg[key] = value

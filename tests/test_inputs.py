@@ -39,6 +39,8 @@ GOOD_TRAINER = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "trainer" /
     ("callbacks", {"checkpoint": {"monitor": "val/nll_iwae"}},
      "callbacks.checkpoint.monitor=val/nll_iwae is not logged by validation, which logs val/neg_elbo; set val_iwae"),
     ("callbacks", {"checkpoint": {"monitor": "val/elbo"}}, "monitor=val/elbo is not logged by validation"),
+    ("callbacks", {"checkpoint": {"monitor": "train/los"}}, "monitor=train/los is not logged by validation"),
+    ("optimzer", {"lr": 0.1}, r"optimzer is not a setting of conf/train.yaml \(did you mean optimizer\?\)"),
 ])
 def test_the_runs_own_keys(key, value, message):
     check_run(GOOD_RUN)
@@ -68,6 +70,10 @@ def test_a_checkpoint_rule_on_the_validation_bound_is_accepted_with_its_samples(
     ("profiler", "fancy", "trainer.profiler='fancy' is not one of"),
     ("max_time", "soon", "trainer.max_time must be DD:HH:MM:SS"),
     ("enable_progress_bar", "yes", "trainer.enable_progress_bar must be true or false"),
+    ("precision", "64-true", "trainer.precision=64-true is not supported"),
+    ("precision", "16-true", "trainer.precision=16-true is not supported"),
+    ("max_steps", 0, "trainer.max_steps=0 trains nothing"),
+    ("max_epochs", 0, "trainer.max_epochs=0 trains nothing"),
 ])
 def test_the_trainer_keys(key, value, message):
     check_trainer(GOOD_TRAINER)
@@ -249,6 +255,12 @@ def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
      "latent.num_categories is not a setting of discrete_vae.latents.Bernoulli; remove it"),
     (["estimator=rebar", "estimator.learn=maybe"], "estimator.learn must be true or false"),
     (["estimator=relax", "estimator.hidden=0"], "estimator.hidden must be positive"),
+    (["estimator=relax", "estimator.hidden=1000000000000"], "estimator.hidden must be at most 16384"),
+    (["+optimizer.lrr=0.1"], "optimizer.lrr is not a setting of torch.optim.Adam; remove it"),
+    (["model.activation=Module"], "model.activation='Module' is not a torch.nn activation"),
+    (["model.activation=Linear"], "model.activation='Linear' is not a torch.nn activation"),
+    (["estimator=exact", "latent.num_latents=400"], "enumerates about 10\\^400 configurations"),
+    (["estimator=exact", "estimator.max_configs=10000000000000"], "estimator.max_configs must be at most 1048576"),
 ])
 def test_model_and_estimator_settings_are_one_line(overrides, message):
     from hydra import compose, initialize_config_dir
@@ -259,3 +271,70 @@ def test_model_and_estimator_settings_are_one_line(overrides, message):
         cfg = compose("train", overrides=overrides)
     with pytest.raises(ConfigError, match=message):
         build_model(cfg)
+
+
+def test_half_precision_on_a_cpu_is_refused_not_quietly_replaced(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_trainer({**GOOD_TRAINER, "precision": "bf16-mixed"})
+    with pytest.raises(ConfigError, match="trainer.precision=16-mixed needs a CUDA GPU"):
+        check_trainer({**GOOD_TRAINER, "precision": "16-mixed"})
+
+
+def test_a_validation_interval_longer_than_an_epoch_is_one_line():
+    from discrete_vae.checks import check_validation_interval
+
+    check_validation_interval({"val_check_interval": 500, "check_val_every_n_epoch": 1}, 500)
+    check_validation_interval({"val_check_interval": 5000, "check_val_every_n_epoch": None}, 500)
+    with pytest.raises(ConfigError, match="val_check_interval=501 steps is longer than an epoch \\(500 batches\\)"):
+        check_validation_interval({"val_check_interval": 501, "check_val_every_n_epoch": 1}, 500)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("meta", "device=meta is not one this script computes on"),
+    ("mps", "device=mps but this machine has no Apple GPU"),
+    ("cuda:7", "device=cuda:7 but CUDA is not available here"),
+    ("quantum", "device='quantum' is not a device"),
+])
+def test_a_device_that_is_not_there_is_one_line(name, message, monkeypatch):
+    from discrete_vae.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(name)
+
+
+def test_an_output_folder_that_is_a_file_stops_before_hydra(tmp_path):
+    from discrete_vae.cli import normalize_overrides
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert normalize_overrides([f"hydra.run.dir={tmp_path}/new"]) == [f"hydra.run.dir={tmp_path}/new"]
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        with pytest.raises(SystemExit, match=f"error: {key}={afile} is a file"):
+            normalize_overrides(["train.py", f"{key}={afile}"])
+
+
+def test_an_unwritable_output_is_refused_before_the_work(tmp_path):
+    from discrete_vae.checks import require_writable_folder
+
+    assert require_writable_folder("output", tmp_path / "new" / "deeper").is_dir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="output: cannot write into .*afile/sub"):
+        require_writable_folder("output", tmp_path / "afile" / "sub")
+
+
+def test_a_checkpoint_that_cannot_be_read_says_so_not_truncated(tmp_path, monkeypatch):
+    from discrete_vae.checkpoints import read_checkpoint
+    from discrete_vae.errors import DataError
+
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(b"PK")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(DataError, match="cannot read the checkpoint .*: permission denied; give this user read"):
+        read_checkpoint(path)

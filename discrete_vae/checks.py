@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from discrete_vae.errors import ConfigError, require_number
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -59,6 +57,20 @@ def _limit(key: str, value: Any) -> None:
         require_number(key, value, low=0.0, high=1.0, hint="a fraction in [0, 1] or a number of batches")
     else:
         require_number(key, value, low=0, hint="a number of batches, a fraction in [0, 1], or null for all")
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), importing torch only when a setting asks about CUDA: the checks
+    here run before the scripts import torch and Lightning (seconds), so a mistake is answered at once."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_config(cfg: Mapping) -> None:
+    """What scripts/train.py checks before it imports Lightning: the run's own keys and the Trainer's."""
+    check_run(cfg)
+    check_trainer(cfg.get("trainer") or {})
 
 
 def check_run(cfg: Mapping) -> None:
@@ -146,7 +158,7 @@ def check_trainer(trainer: Mapping) -> None:
     """The `trainer` node's settings that Lightning reads, each with its key named."""
     t = dict(trainer)
     require_choice("trainer.accelerator", t.get("accelerator", "auto"), ACCELERATORS)
-    if t.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+    if t.get("accelerator") in ("gpu", "cuda") and not cuda_available():
         raise ConfigError(f"trainer.accelerator={t['accelerator']} but torch sees no CUDA device here; "
                           f"use trainer.accelerator=cpu (or auto)")
     devices = t.get("devices", 1)
@@ -158,8 +170,7 @@ def check_trainer(trainer: Mapping) -> None:
         raise ConfigError(f"trainer.precision={precision} is not supported: the data, the noise and the bounds are "
                           f"float32; use 32-true, bf16-mixed, or 16-mixed on a CUDA GPU")
     require_choice("trainer.precision", precision, PRECISIONS)
-    on_cpu = t.get("accelerator", "auto") == "cpu" or not torch.cuda.is_available()
-    if precision in CUDA_ONLY_PRECISIONS and on_cpu:
+    if precision in CUDA_ONLY_PRECISIONS and (t.get("accelerator", "auto") == "cpu" or not cuda_available()):
         raise ConfigError(f"trainer.precision={precision} needs a CUDA GPU (on the CPU Lightning would quietly run "
                           f"another precision); use bf16-mixed or 32-true here")
     for key in ("max_epochs", "max_steps"):

@@ -3,12 +3,16 @@
 Scripts catch `UserError` and print its message instead of a traceback.
 """
 
+import errno
 import functools
 import logging
 import math
 import numbers
 import sys
 from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import CompactHydraException
 
 
 class UserError(Exception):
@@ -68,18 +72,59 @@ def require_budget(key: str, value) -> int:
 
 def count(n: int) -> str:
     """A count of configurations for a message, however large (K^N overflows a float: 10^400)."""
-    return f"{n:.4g}" if n < 10**15 else f"about 10^{len(str(n)) - 1}"
+    return f"{n:.4g}" if n < 10**300 else f"about 10^{len(str(n)) - 1}"
+
+
+# what the machine, not the code, says when a file cannot be written: a full disk or quota, a
+# read-only filesystem, no permission
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+INTERRUPTED = 130  # 128 + SIGINT, the shell's status for Ctrl-C
+
+
+class EnvironmentProblem(UserError, OSError):
+    """A file could not be written or read because of the machine (a full disk, a read-only
+    filesystem, no permission): one line naming the file and the fix, not a traceback."""
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
-    """The first UserError in an exception's cause chain (Hydra's instantiate wraps them)."""
+    """The first UserError in an exception's cause chain (Hydra's instantiate wraps them), or an
+    OSError of the environment (ENVIRONMENT_ERRNOS) as an EnvironmentProblem."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UserError):
             return exc
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            where = f" {exc.filename}" if exc.filename else ""
+            return EnvironmentProblem(
+                f"cannot write or read{where}: {exc.strerror or exc}. Free some space, or make the folder "
+                f"writable, or point the output elsewhere; then run the same command again (what was "
+                f"written before is kept, and a training run resumes from its last.ckpt)")
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A script's `__main__`: Ctrl-C (SIGINT) anywhere outside the training loop (whose own handling
+    says where the run stopped) ends it with one line on stderr and the shell's status for it, 130,
+    instead of a traceback from wherever it fell (start-up, loading, evaluating)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing partial was written, and what was written before is kept. "
+              "Run the same command again to go on", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+class SweepJobFailed(CompactHydraException):
+    """A job of a multirun ended by a user's mistake or the machine: Hydra's launchers run the other
+    jobs, then print this (a CompactHydraException: its one line, no traceback) and exit with 1."""
+
+
+def _job_folder() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
 
 
 def _in_multirun() -> bool:
@@ -105,7 +150,7 @@ def exit_on_user_error(main: Callable) -> Callable:
                 raise
             if _in_multirun():  # in the job's log; Hydra reports the failed job after the others ran
                 logging.getLogger("discrete_vae").error(str(user_error))
-                raise user_error from None
+                raise SweepJobFailed(f"error: the job in {_job_folder()} failed: {user_error}") from None
             sys.exit(f"error: {user_error}")  # printed once, on stderr, exit status 1
 
     return wrapper

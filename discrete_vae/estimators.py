@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from discrete_vae import sampling
-from discrete_vae.errors import ConfigError, count, require_budget, require_number
+from discrete_vae.errors import MAX_CONFIGS, ConfigError, count, require_budget, require_number
 from discrete_vae.latents import Latent
 
 CostFn = Callable[[Tensor], Tensor]  # z (*S, B, *param_shape) -> cost (*S, B)
@@ -425,8 +425,9 @@ class Exact(Estimator):
             raise ConfigError(
                 f"estimator=exact enumerates {count(total)} configurations of {latent.describe()}, over the "
                 f"budget estimator.max_configs={self.max_configs}. Shrink the latent space (for example "
-                f"latent.num_latents=2 latent.num_categories=10, or experiment=small_exact) or raise "
-                f"estimator.max_configs."
+                f"latent.num_latents=2 latent.num_categories=10, or experiment=small_exact)"
+                + (" or raise estimator.max_configs." if total <= MAX_CONFIGS else
+                   f"; no budget reaches it: an enumeration here takes at most {MAX_CONFIGS:,} configurations.")
             )
 
     def decoder_evaluations(self, latent: Latent) -> int:

@@ -38,7 +38,7 @@ from torch.utils.tensorboard.summary import hparams
 from discrete_vae import records
 from discrete_vae.build import build, build_model
 from discrete_vae.callbacks import ValidateAtLastStep
-from discrete_vae.checks import check_run, check_trainer, check_validation_interval, validation_metrics
+from discrete_vae.checks import check_config, check_validation_interval, validation_metrics
 from discrete_vae.checkpoints import (
     AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, check_run_folder,
     check_weights_fit,
@@ -326,8 +326,7 @@ def _batches_per_epoch(datamodule: L.LightningDataModule, trainer_cfg) -> int:
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, clock: WallClock) -> dict[str, Any]:
-    check_run(cfg)  # the keys no part owns, first: nothing has run yet
-    check_trainer(cfg.trainer)
+    check_config(cfg)  # the keys no part owns, first: nothing has run yet (scripts/train.py has checked them)
     quiet_third_party()
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     set_num_threads(cfg)

@@ -16,13 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from discrete_vae import records
-from discrete_vae.build import build, load_checkpoint
-from discrete_vae.cli import normalize_overrides
-from discrete_vae.devices import resolve_device
 from discrete_vae.checks import check_known_keys, require_choice, require_seed, require_writable_folder
-from discrete_vae.errors import ConfigError, count, exit_on_user_error, require_budget, require_number
-from discrete_vae.evaluation import evaluate
+from discrete_vae.cli import normalize_overrides
+from discrete_vae.errors import ConfigError, count, exit_on_user_error, require_budget, require_number, run_script
 
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")
@@ -53,6 +49,12 @@ def run(cfg: DictConfig) -> dict:
     if not ckpt.is_file():
         raise ConfigError(f"no checkpoint at {ckpt}; pass ckpt_path=PATH to a .ckpt written by scripts/train.py")
     check_options(cfg)
+    # torch and Lightning only now (seconds to import): a mistake above is answered at once
+    from discrete_vae import records
+    from discrete_vae.build import build, load_checkpoint
+    from discrete_vae.devices import resolve_device
+    from discrete_vae.evaluation import evaluate
+
     device = resolve_device(str(cfg.device))
     output = Path(str(cfg.output)).expanduser() if cfg.output else records.evaluation_path(ckpt, cfg.split)
     require_writable_folder("the checkpoint's folder" if not cfg.output else "output", output.parent)
@@ -69,6 +71,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.limit_batches is not None:
         batches = batches[: int(cfg.limit_batches)]
 
+    print(f"evaluating {ckpt.name} on {sum(len(b) for b in batches)} {cfg.split} images, m={cfg.num_samples} "
+          f"samples each, on {device}", flush=True)
     metrics = evaluate(model, batches, cfg.num_samples, cfg.seed, cfg.max_configs, cfg.max_rows)
     record = {
         "checkpoint": str(ckpt),
@@ -105,4 +109,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = normalize_overrides(sys.argv, path_keys=PATH_KEYS)
-    main()
+    run_script(main)

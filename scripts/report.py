@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from discrete_vae import report
-from discrete_vae.errors import DataError, UserError
+from discrete_vae.errors import DataError, find_user_error, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # a mistake of the user's, or a full or read-only disk: one line
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         return 1
     return 0
 
@@ -68,4 +71,4 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(lambda: sys.exit(main()))

@@ -10,18 +10,21 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from discrete_vae.checks import check_config
 from discrete_vae.cli import normalize_overrides
-from discrete_vae.errors import exit_on_user_error
-from discrete_vae.training import train
+from discrete_vae.errors import exit_on_user_error, run_script
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error  # a user's mistake gets its message, not a traceback
 def main(cfg: DictConfig) -> float | None:
+    check_config(cfg)  # before torch and Lightning are imported (seconds): a mistake is answered at once
+    from discrete_vae.training import train
+
     record = train(cfg)
     return record["metrics"].get("val/neg_elbo")  # for Hydra sweepers that optimise
 
 
 if __name__ == "__main__":
     sys.argv = normalize_overrides(sys.argv, path_keys=("ckpt_path", "data.root"))
-    main()
+    run_script(main)

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import QUICK, REPO, load_script
+from conftest import QUICK, REPO, load_script, shared_data_root
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.errors import UserError
 from discrete_vae.training import train
@@ -41,7 +41,8 @@ def train_in(folder: pathlib.Path, monkeypatch, *overrides: str):
     a refusal that hangs fails the test instead of the suite."""
     monkeypatch.chdir(folder)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides]),
+        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides,
+                                                              f"data.root={shared_data_root()}"]),
                       return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(folder)
     HydraConfig.instance().set_config(cfg)  # as hydra.main sets it: the run folder's paths resolve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
+from discrete_vae.cli import normalize_overrides
+from discrete_vae.errors import UserError
 from discrete_vae.latents import Categorical
 from discrete_vae.module import VAEModule
 from discrete_vae.vae import VAE
@@ -50,6 +56,41 @@ def run_script(script: str, *args, env: dict | None = None, cwd: Path = REPO, ch
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def train_in(folder: Path, monkeypatch, *overrides: str):
+    """What scripts/train.py does under Hydra, in this process: discrete_vae.training.train with
+    `folder` as the run folder and working directory, 6 steps of the QUICK settings unless the
+    overrides say otherwise, under a 60 s alarm (a refusal that hangs fails the test instead of
+    the suite). A UserError comes out as itself: what the script prints as its one line."""
+    from discrete_vae.training import train
+
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(folder)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides,
+                                                              f"data.root={shared_data_root()}"]),
+                      return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(folder)
+    HydraConfig.instance().set_config(cfg)  # as hydra.main sets it: the run folder's paths resolve
+    with open_dict(cfg):
+        del cfg["hydra"]
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("training hung"))
+    signal.alarm(60)
+    try:
+        return train(cfg)
+    finally:
+        signal.alarm(0)
+        HydraConfig.instance().cfg = None  # no other test sees this run's Hydra config
+
+
+def error_of(fn) -> str:
+    """The one-line message of the UserError `fn` raises."""
+    with pytest.raises(UserError) as caught:
+        fn()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
 
 
 def load_script(name: str):

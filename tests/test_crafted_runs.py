@@ -13,18 +13,12 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
-from conftest import QUICK, REPO, load_script, shared_data_root
-from discrete_vae.cli import normalize_overrides
-from discrete_vae.errors import UserError
-from discrete_vae.training import train
+from conftest import REPO, error_of, load_script, train_in
 
 
 @pytest.fixture
@@ -34,35 +28,6 @@ def run(trained_run, tmp_path) -> pathlib.Path:
     shutil.copytree(trained_run, copy, symlinks=True)
     (copy / "metrics.json").unlink()
     return copy
-
-
-def train_in(folder: pathlib.Path, monkeypatch, *overrides: str):
-    """discrete_vae.training.train with the run folder as its working directory, under a 60 s alarm:
-    a refusal that hangs fails the test instead of the suite."""
-    monkeypatch.chdir(folder)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides,
-                                                              f"data.root={shared_data_root()}"]),
-                      return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(folder)
-    HydraConfig.instance().set_config(cfg)  # as hydra.main sets it: the run folder's paths resolve
-    with open_dict(cfg):
-        del cfg["hydra"]
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("training hung"))
-    signal.alarm(60)
-    try:
-        return train(cfg)
-    finally:
-        signal.alarm(0)
-        HydraConfig.instance().cfg = None  # no other test sees this run's Hydra config
-
-
-def error_of(fn) -> str:
-    with pytest.raises(UserError) as caught:
-        fn()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    return message
 
 
 # -- the run folder -------------------------------------------------------------------------------

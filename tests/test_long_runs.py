@@ -14,7 +14,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_script
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO, error_of, load_script, run_script, train_in
 
 QUICK = ["trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "test_iwae_samples=5",
          "trainer.enable_progress_bar=false"]
@@ -150,19 +152,11 @@ def test_a_diverging_run_is_stopped_recorded_and_reported(data_root, tmp_path):
     assert "training diverged at step 5" in single.stderr and single.stderr.count("training diverged") == 1
 
 
-def test_a_run_shorter_than_an_epoch_ends_validated(trained):
-    """`trained` stopped at step 3 of an epoch of 500 (trainer.max_steps=3), with logger=null."""
-    record = json.loads((trained / "metrics.json").read_text())
-    assert record["metrics"]["val/neg_elbo"] is not None and record["best_checkpoint"].endswith("best-step3.ckpt")
-    assert not list(trained.glob("events.out.tfevents.*")), "logger=null writes no event files"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    """One short st_gumbel run (N=20): its folder, for resuming and evaluating with wrong inputs."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    train(["trainer.max_steps=3", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, run.parent)
-    return run
+def test_a_run_shorter_than_an_epoch_ends_validated(trained_run):
+    """The shared run stopped at step 4 of an epoch of 500 (trainer.max_steps=4), with logger=null."""
+    record = json.loads((trained_run / "metrics.json").read_text())
+    assert record["metrics"]["val/neg_elbo"] is not None and record["best_checkpoint"].endswith("best-step4.ckpt")
+    assert not list(trained_run.glob("events.out.tfevents.*")), "logger=null writes no event files"
 
 
 def bad_inputs(trained: Path, tmp: Path):
@@ -184,12 +178,21 @@ def bad_inputs(trained: Path, tmp: Path):
 
 
 @pytest.mark.parametrize("case", range(8))
-def test_bad_inputs_give_one_clear_line(case, trained, data_root, tmp_path):
-    script, args, message = bad_inputs(trained, tmp_path)[case]
-    run_args = [*args, "trainer.max_steps=2", *QUICK, f"hydra.run.dir={tmp_path / 'run'}"] if script.endswith("train.py") else args
-    proc = train(run_args, data_root, tmp_path, check=False, script=script)
+def test_bad_inputs_give_one_clear_line(case, trained_run, tmp_path, monkeypatch):
+    """Each script's work in this process; the one line a script prints is the UserError's."""
+    script, args, message = bad_inputs(trained_run, tmp_path)[case]
+    if script == "train.py":
+        assert message in error_of(lambda: train_in(tmp_path / "run", monkeypatch, "trainer.max_steps=2", *args))
+        return
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=args)
+    assert message in error_of(lambda: load_script("evaluate").run(cfg))
+
+
+def test_a_bad_input_is_printed_once_with_status_1(trained_run, data_root, tmp_path):
+    proc = train(["optimizer.lr=fast", f"hydra.run.dir={tmp_path / 'run'}"], data_root, tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "optimizer.lr must be a number, got 'fast'" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("error:") == 1, "the error is printed once"
 
 

@@ -24,6 +24,10 @@ def run_train(args, data_root, check=True):
     return run_script("train.py", *args, env={"DISCRETE_VAE_DATA": str(data_root)}, check=check)
 
 
+# validation and test on 2 x 200 and 200 images, the test bound with 5 samples: what the tests read, at a
+# tenth of the default cost (15 runs)
+SMALL_EVALUATION = ["data.eval_batch_size=200", "test_iwae_samples=5"]
+SMALL_NAME = "data.eval_batch_size=200,test_iwae_samples=5"  # as they appear in a run folder's name (sorted)
 ON_BITS = ["arm", "disarm", "exact", "relax"]  # on 8 Bernoulli latents: made for them, enumerating 2^8, or both types
 CATEGORICAL = [name for name in ESTIMATORS if name not in ON_BITS]
 
@@ -34,11 +38,13 @@ def trained(data_root, tmp_path_factory) -> dict:
     fit the default 20x10 categorical model, and on 8 Bernoulli latents those made for binary
     latents and exact (2^8 configurations).  # name -> run folder"""
     sweep, binary = tmp_path_factory.mktemp("every_estimator"), tmp_path_factory.mktemp("binary")
-    run_train(["-m", f"estimator={','.join(CATEGORICAL)}", "seed=2", *TINY, f"hydra.sweep.dir={sweep}"], data_root)
-    run_train(["-m", f"estimator={','.join(ON_BITS)}", "seed=2", "latent=bernoulli", "latent.num_latents=8", *TINY,
+    small = [*TINY, *SMALL_EVALUATION]
+    run_train(["-m", f"estimator={','.join(CATEGORICAL)}", "seed=2", *small, f"hydra.sweep.dir={sweep}"], data_root)
+    run_train(["-m", f"estimator={','.join(ON_BITS)}", "seed=2", "latent=bernoulli", "latent.num_latents=8", *small,
                f"hydra.sweep.dir={binary}"], data_root)
-    return {name: sweep / f"{name},seed=2,trainer.max_epochs=1" if name in CATEGORICAL
-            else binary / f"{name},seed=2,latent=bernoulli,latent.num_latents=8,trainer.max_epochs=1"
+    return {name: sweep / f"{name},seed=2,{SMALL_NAME},trainer.max_epochs=1" if name in CATEGORICAL
+            else binary / (f"{name},seed=2,data.eval_batch_size=200,latent=bernoulli,latent.num_latents=8,"
+                           f"test_iwae_samples=5,trainer.max_epochs=1")
             for name in ESTIMATORS}
 
 
@@ -84,7 +90,7 @@ def test_multirun_names_runs_by_their_overrides(trained):
     sweep = trained["gumbel"].parent
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     # the estimator first, then the seed; budgets like limit_*_batches are excluded, max_epochs is kept
-    assert runs == sorted(f"{name},seed=2,trainer.max_epochs=1" for name in CATEGORICAL)
+    assert runs == sorted(f"{name},seed=2,{SMALL_NAME},trainer.max_epochs=1" for name in CATEGORICAL)
     for run in runs:
         assert list((sweep / run).glob("events.out.tfevents.*")), run
         assert (sweep / run / "checkpoints" / "last.ckpt").is_file()

@@ -307,15 +307,15 @@ def test_ctrl_c_ends_with_status_130_and_says_where_to_resume(data_root, tmp_pat
     assert "(step 4)" in train(args, data_root, tmp_path).stdout  # and it resumes
 
 
-def test_resume_never_sets_the_earlier_attempt_aside(trained, data_root, tmp_path):
+def test_resume_never_sets_the_earlier_attempt_aside(trained_run, data_root, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     record, names = (run / "metrics.json").read_text(), checkpoint_names(run)
     # a config error first: the finished record stays as it was
     proc = train(["resume=never", "seed=-1", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path, check=False)
     assert proc.returncode == 1 and "seed must be between 0 and" in proc.stderr
     assert (run / "metrics.json").read_text() == record
-    train(["resume=never", "trainer.max_steps=3", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
+    train(["resume=never", "trainer.max_steps=4", "logger=null", *QUICK, f"hydra.run.dir={run}"], data_root, tmp_path)
     (earlier,) = (run / "earlier").iterdir()
     assert (earlier / "metrics.json").read_text() == record, "the finished record is kept, whole"
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == names

@@ -58,18 +58,19 @@ def run_script(script: str, *args, env: dict | None = None, cwd: Path = REPO, ch
     return proc
 
 
-def train_in(folder: Path, monkeypatch, *overrides: str):
+def train_in(folder: Path, monkeypatch, *overrides: str, quick: bool = True):
     """What scripts/train.py does under Hydra, in this process: discrete_vae.training.train with
-    `folder` as the run folder and working directory, 6 steps of the QUICK settings unless the
-    overrides say otherwise, under a 60 s alarm (a refusal that hangs fails the test instead of
-    the suite). A UserError comes out as itself: what the script prints as its one line."""
+    `folder` as the run folder and working directory, 6 steps of the QUICK settings (with
+    `quick`) unless the overrides say otherwise, under a 60 s alarm (a refusal that hangs fails
+    the test instead of the suite). A UserError comes out as itself: what the script prints as
+    its one line."""
     from discrete_vae.training import train
 
     folder.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(folder)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=normalize_overrides(["trainer.max_steps=6", *QUICK, *overrides,
-                                                              f"data.root={shared_data_root()}"]),
+        defaults = [f"data.root={shared_data_root()}", *(["trainer.max_steps=6", *QUICK] if quick else [])]
+        cfg = compose("train", overrides=normalize_overrides([*defaults, *overrides]),  # the last of a key wins
                       return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(folder)
     HydraConfig.instance().set_config(cfg)  # as hydra.main sets it: the run folder's paths resolve

@@ -1,12 +1,23 @@
-"""What the scripts share before Hydra parses the command line: spellings Hydra's grammar would
-refuse, turned into what the user meant, and the run-directory names of sweeps."""
+"""What the scripts share around Hydra's parsing of the command line: spellings Hydra's grammar
+would refuse, turned into what the user meant; Hydra's own errors (a misspelt option or key, a
+comma list without -m) and Ctrl-C as one line each; and the run-directory names of sweeps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+
+from discrete_vae.errors import INTERRUPTED, find_user_error
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OURS = "DISCRETE_VAE_HYDRA_ERRORS"  # set with HYDRA_FULL_ERROR by run_script, for its child processes
 
 OPTIONAL_GROUPS = ("logger",)  # groups a run can go without: `logger=null` means `~logger`
 OUTPUT_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any code of ours runs
@@ -50,3 +61,70 @@ def run_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", lambda overrides, exclude: run_name(overrides, exclude))
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A script's `__main__`. Hydra's own mistakes (a misspelt option, an unknown key, a comma list
+    without -m), a user's mistake or the machine's, and Ctrl-C (outside the training loop, whose own
+    handling says where the run stopped) end it with one `error:` line, status 1 (130 for Ctrl-C),
+    instead of Hydra's many lines or a traceback. HYDRA_FULL_ERROR=1 keeps Hydra's whole trace."""
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1" and not os.environ.get(OURS)
+    os.environ.update({"HYDRA_FULL_ERROR": "1", OURS: "1"})  # Hydra raises its errors here, to be told in one line
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing partial was written, and what was written before is kept. "
+              "Run the same command again to go on", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    except Exception as err:
+        line = None if full else hydra_error_line(err)
+        if line is None and not full and (user_error := find_user_error(err)) is not None:
+            line = f"error: {user_error}"
+        if line is None:
+            raise
+        sys.exit(line)
+
+
+def hydra_error_line(err: BaseException) -> str | None:
+    """One line for an error Hydra raises while it composes the config, or None for any other."""
+    from hydra.errors import CompactHydraException, HydraException, MissingConfigException
+
+    text = str(err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        group, name = err.missing_cfg_file.rsplit("/", 1)
+        options = sorted(err.options or [])
+        return f"error: {group}={name} is not an option{_closest(name, options)}; choose from {', '.join(options)}"
+    if match := re.search(r"Ambiguous value for argument '([^']+)'", text):
+        arg = match.group(1)
+        return (f"error: {arg} gives several values: add -m to run one job for each (python "
+                f"{Path(sys.argv[0]).name} -m {arg}), write [a,b] for a list, or quote it for one string")
+    if match := re.search(r"Could not override '([^']+)'", text):
+        key = match.group(1)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = [parent + name for name in sibling_keys(key)]
+        return (f"error: {key} is not a setting{_closest(key, siblings)}; correct it "
+                f"(python {Path(sys.argv[0]).name} --help lists the groups), or add a new key with +{key}=...")
+    if isinstance(err, (CompactHydraException, HydraException)):
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        return first if first.startswith("error:") else f"error: {first}"
+    return None
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def sibling_keys(dotted: str) -> list[str]:
+    """The keys beside `dotted`'s last part in conf/: those of every file of its group (conf/trainer/*.yaml
+    for trainer.max_step), or of the scripts' own files for a top-level key."""
+    parts = dotted.split(".")
+    files = sorted((CONF / parts[0]).glob("*.yaml")) if len(parts) > 1 else sorted(CONF.glob("*.yaml"))
+    keys = set()
+    for path in files:
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        for part in parts[1:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            keys |= {str(k) for k in node if not str(k).startswith("_")} - {"defaults", "hydra"}
+    return sorted(keys)

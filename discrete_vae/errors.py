@@ -10,8 +10,6 @@ import math
 import numbers
 import sys
 from collections.abc import Callable
-from typing import Any
-
 from hydra.errors import CompactHydraException
 
 
@@ -102,18 +100,6 @@ def find_user_error(exc: BaseException) -> UserError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def run_script(main: Callable[[], Any]) -> None:
-    """A script's `__main__`: Ctrl-C (SIGINT) anywhere outside the training loop (whose own handling
-    says where the run stopped) ends it with one line on stderr and the shell's status for it, 130,
-    instead of a traceback from wherever it fell (start-up, loading, evaluating)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); nothing partial was written, and what was written before is kept. "
-              "Run the same command again to go on", file=sys.stderr)
-        sys.exit(INTERRUPTED)
 
 
 class SweepJobFailed(CompactHydraException):

@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae.checks import check_known_keys, require_choice, require_seed, require_writable_folder
-from discrete_vae.cli import normalize_overrides
-from discrete_vae.errors import ConfigError, count, exit_on_user_error, require_budget, require_number, run_script
+from discrete_vae.cli import normalize_overrides, run_script
+from discrete_vae.errors import ConfigError, count, exit_on_user_error, require_budget, require_number
 
 SPLITS = ("train", "val", "test")
 PATH_KEYS = ("ckpt_path", "output", "data_root")

@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae import diagnostics
 from discrete_vae.build import build, build_vae, load_checkpoint
+from discrete_vae.cli import run_script
 from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.checks import check_known_keys, require_bool, require_seed
-from discrete_vae.errors import ConfigError, exit_on_user_error, require_budget, require_number, run_script
+from discrete_vae.errors import ConfigError, exit_on_user_error, require_budget, require_number
 from discrete_vae.estimators import ScoreFunction
 from discrete_vae.vae import VAE
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from discrete_vae import report
-from discrete_vae.errors import DataError, find_user_error, run_script
+from discrete_vae.cli import run_script
+from discrete_vae.errors import DataError, find_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from discrete_vae.checks import check_config
-from discrete_vae.cli import normalize_overrides
-from discrete_vae.errors import exit_on_user_error, run_script
+from discrete_vae.cli import normalize_overrides, run_script
+from discrete_vae.errors import exit_on_user_error
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from conftest import REPO, load_script, tiny_module
+from conftest import REPO, load_script, run_script, tiny_module
 from discrete_vae import estimators as E
 from discrete_vae import records, report, training
 from discrete_vae.checks import check_run, check_trainer
@@ -338,3 +338,22 @@ def test_a_checkpoint_that_cannot_be_read_says_so_not_truncated(tmp_path, monkey
     monkeypatch.setattr(torch, "load", denied)
     with pytest.raises(DataError, match="cannot read the checkpoint .*: permission denied; give this user read"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["estimator=gumbell"], "error: estimator=gumbell is not an option (did you mean gumbel?); choose from arm, "),
+    (["trainer.max_step=100"], "error: trainer.max_step is not a setting (did you mean trainer.max_steps?); correct"),
+    (["model.hidden_dim=3"], "error: model.hidden_dim is not a setting (did you mean model.hidden_dims?)"),
+    (["estimator=sf,st"], "error: estimator=sf,st gives several values: add -m to run one job for each (python "
+                          "train.py -m estimator=sf,st)"),
+    (["+optimzer.lr=0.1"], "error: optimzer is not a setting of conf/train.yaml (did you mean optimizer?)"),
+])
+def test_hydras_mistakes_are_one_line_with_the_closest_name(args, line, tmp_path):
+    proc = run_script("train.py", *args, f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(line) and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
+    proc = run_script("train.py", "estimator=gumbell", env={"HYDRA_FULL_ERROR": "1"}, check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "Could not find 'estimator/gumbell'" in proc.stderr

@@ -128,3 +128,37 @@ def sibling_keys(dotted: str) -> list[str]:
         if isinstance(node, dict):
             keys |= {str(k) for k in node if not str(k).startswith("_")} - {"defaults", "hydra"}
     return sorted(keys)
+
+
+SUMMARY_METRICS = ("val/neg_elbo", "val/nll_iwae", "test/neg_elbo", "test/nll_iwae")
+
+
+def run_summary_lines(record: dict[str, Any], folder: Path) -> list[str]:
+    """What a person reads at the end of a training run: the folder, the final bounds rounded to
+    hundredths of a nat, and the command that shows the run in TensorBoard."""
+    metrics = record.get("metrics") or {}
+    shown = "  ".join(f"{k} {metrics[k]:.2f}" for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float)))
+    steps, wall = record.get("steps"), record.get("wall_time_s")
+    budget = ", ".join(filter(None, [f"{steps:,} steps" if isinstance(steps, int) else "",
+                                     _duration(wall) if isinstance(wall, (int, float)) else ""]))
+    return [f"{record.get('status', 'finished')}: {folder}" + (f" ({budget})" if budget else ""),
+            f"  {shown or 'no bounds recorded'}  (nats per image)",
+            f"  tensorboard --logdir {folder}"]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+class SweepSummary:
+    """A Hydra callback (conf/train.yaml's hydra.callbacks) that ends a multirun with the command
+    that tabulates its runs."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        folder = Path(str(config.hydra.sweep.dir))
+        print(f"sweep done: {folder}\n  python scripts/report.py {folder}   # one table of its runs (report.md)")
+
+    def __getattr__(self, name: str):  # Hydra's other hooks: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

@@ -171,7 +171,7 @@ def test_evaluate_script_end_to_end(tmp_path, data_root):
     """train.py experiment=small_exact (a few batches), then evaluate.py twice with one seed.
     The run folder is named like a sweep's (`=` and `,`), which evaluate.py must accept unquoted."""
     run_dir = tmp_path / "estimator=st_gumbel,seed=1"
-    run_script(
+    trained = run_script(
         "train.py", "experiment=small_exact", "estimator=st_gumbel", f"data.root={data_root}",
         "data.download=false", "trainer.max_epochs=1", "trainer.limit_train_batches=10", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "test_iwae_samples=10", "trainer.enable_progress_bar=false",
@@ -179,6 +179,9 @@ def test_evaluate_script_end_to_end(tmp_path, data_root):
     )  # fmt: skip
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "finished" and "experiment=small_exact" in record["overrides"]
+    # the run ends with what a person reads: its folder, rounded bounds, the TensorBoard command
+    assert f"finished: {run_dir} (10 steps, " in trained.stdout and f"tensorboard --logdir {run_dir}" in trained.stdout
+    assert f"test/neg_elbo {record['metrics']['test/neg_elbo']:.2f}  " in trained.stdout
     assert set(record["metrics"]) >= {"val/neg_elbo", "test/neg_elbo", "test/nll_iwae"}
     assert record["metrics"]["test/nll_iwae"] <= record["metrics"]["test/neg_elbo"] + 1.0
 

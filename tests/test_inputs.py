@@ -357,3 +357,15 @@ def test_hydras_mistakes_are_one_line_with_the_closest_name(args, line, tmp_path
 def test_hydra_full_error_still_gives_the_whole_trace(tmp_path):
     proc = run_script("train.py", "estimator=gumbell", env={"HYDRA_FULL_ERROR": "1"}, check=False)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "Could not find 'estimator/gumbell'" in proc.stderr
+
+
+def test_the_summary_a_run_ends_with_is_rounded_for_a_person(tmp_path):
+    from discrete_vae.cli import run_summary_lines
+
+    record = {"status": "finished", "steps": 50000, "wall_time_s": 1234.5,
+              "metrics": {"val/neg_elbo": 105.123456, "test/neg_elbo": 104.98765, "test/nll_iwae": None}}
+    assert run_summary_lines(record, tmp_path) == [
+        f"finished: {tmp_path} (50,000 steps, 20.6 min)",
+        "  val/neg_elbo 105.12  test/neg_elbo 104.99  (nats per image)",
+        f"  tensorboard --logdir {tmp_path}",
+    ]

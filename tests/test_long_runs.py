@@ -110,6 +110,7 @@ def test_sweep_rerun_skips_finished_runs_and_completes_the_rest(data_root, tmp_p
 
     proc = train(args, data_root, tmp_path)  # the same command again
     assert "already finished (metrics.json): skipped" in proc.stderr
+    assert f"sweep done: {sweep}\n  python scripts/report.py {sweep}" in proc.stdout, proc.stdout[-2000:]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in kept} == kept, "a finished run was rewritten"
     # Hydra itself saves the job's config before the job starts: the same bytes again
     assert {p: p.read_bytes() for p in configs} == configs

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script, tiny_vae
+from conftest import REPO, load_script, run_script, shared_data_root, tiny_vae
 from discrete_vae import sampling
 from discrete_vae.data import load_binarized_mnist
 from discrete_vae.errors import ConfigError
@@ -202,3 +202,23 @@ def test_evaluate_script_end_to_end(tmp_path, data_root):
 
     missing = run_script("evaluate.py", f"ckpt_path={tmp_path / 'nope.ckpt'}", cwd=tmp_path, check=False)
     assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
+
+
+def test_a_subset_is_drawn_at_random_with_the_seed_and_progress_is_shown(trained_run, tmp_path, capsys):
+    """limit_batches takes images from the whole split (MNIST's first test images have more ink than
+    the average), the same ones for the same seed; each batch reports progress and time left."""
+    from hydra import compose, initialize_config_dir
+
+    evaluate = load_script("evaluate")
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    results = {}
+    for seed, name in ((3, "a"), (3, "b"), (4, "c")):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"ckpt_path={ckpt}", "num_samples=2", "batch_size=50",
+                                                 "limit_batches=2", f"seed={seed}", f"output={tmp_path / name}.json",
+                                                 f"data_root={shared_data_root()}"])
+        results[name] = evaluate.run(cfg)
+    assert results["a"]["num_images"] == 100 and "drawn at random with seed 3" in results["a"]["subset"]
+    assert results["a"]["metrics"] == results["b"]["metrics"] != results["c"]["metrics"]
+    err = capsys.readouterr().err
+    assert "  50 / 100 images, " in err and "s left" in err and "  100 / 100 images, " in err

@@ -16,11 +16,12 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from discrete_vae.checkpoints import best_checkpoint
 from discrete_vae.diagnostics import gradient_diagnostics
 from discrete_vae.errors import ConfigError, TrainingDiverged, require_budget, require_number
-from discrete_vae.lightning_private import logs_this_step
+from discrete_vae.lightning_private import batches_done_this_epoch, logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +237,24 @@ class ValidateAtLastStep(L.Callback):
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
         if 0 < trainer.max_steps <= trainer.global_step or (last_epoch and batch_idx + 1 >= trainer.num_training_batches):
             trainer.should_stop = True
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar (with train/loss beside it, logged with prog_bar=True), whose total
+    is the batches this epoch will really run: Lightning's counts the whole epoch even when
+    trainer.max_steps ends training first (a bar of 500 for max_steps=300)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        total = super().total_train_batches
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0 or not math.isfinite(total):
+            return total
+        left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+        return max(0, min(total, left + batches_done_this_epoch(trainer)))  # this epoch's: done and to come
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """Lightning's, without the version number of the logger (v_num): the folder says it."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -138,8 +138,9 @@ class VAEModule(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self.vae.objective(batch, self.estimators)
         if logs_this_step(self.trainer):
+            self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=batch.shape[0], prog_bar=True)
             self.log_dict(
-                {"train/loss": out.loss, "train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
+                {"train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
                 on_step=True, on_epoch=False, batch_size=batch.shape[0],
             )
         return out.loss

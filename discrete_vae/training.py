@@ -37,7 +37,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from discrete_vae import records
 from discrete_vae.build import build, build_model
-from discrete_vae.callbacks import ValidateAtLastStep
+from discrete_vae.callbacks import ProgressBar, ValidateAtLastStep
 from discrete_vae.checks import check_config, check_validation_interval, validation_metrics
 from discrete_vae.checkpoints import (
     AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, check_run_folder,
@@ -292,6 +292,8 @@ def build_run(
 
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     callbacks += [ValidateAtLastStep(), wall_clock or WallClock()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())  # the training loss, and a total that knows max_steps
     logger = False
     if cfg.get("logger"):
         # after a resume, TensorBoard drops the events the interrupted run wrote past the checkpoint

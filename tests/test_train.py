@@ -160,3 +160,23 @@ def test_the_image_grid_lays_images_out_in_rows_with_borders():
     assert grid.shape == (1, 7, 7)  # 2 rows and 2 columns of (2 + 1) pixels, and the last border
     assert grid[0, 1:3, 1:3].eq(1).all() and grid[0, 1:3, 4:6].eq(2).all() and grid[0, 4:6, 1:3].eq(3).all()
     assert grid[0, 4:6, 4:6].eq(0).all() and grid[0, 0].eq(0).all() and grid[0, :, 3].eq(0).all()
+
+
+@pytest.mark.parametrize("max_steps, global_step, done, total", [
+    (300, 0, 0, 300),      # max_steps ends the first epoch early
+    (1200, 1000, 0, 200),  # and the third
+    (1200, 1100, 100, 200),  # resumed in the middle of it: the batches done count
+    (-1, 0, 0, 500),       # no step budget: the whole epoch
+    (5000, 0, 0, 500),
+])
+def test_the_progress_bar_total_knows_max_steps(max_steps, global_step, done, total, monkeypatch):
+    from types import SimpleNamespace
+
+    from discrete_vae.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    trainer = SimpleNamespace(max_steps=max_steps, global_step=global_step, num_training_batches=500,
+                              max_epochs=None, accumulate_grad_batches=1)
+    monkeypatch.setattr(ProgressBar, "trainer", property(lambda self: trainer))
+    monkeypatch.setattr("discrete_vae.callbacks.batches_done_this_epoch", lambda trainer: done)
+    assert bar.total_train_batches == total

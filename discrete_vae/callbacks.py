@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from discrete_vae.checkpoints import best_checkpoint
 from discrete_vae.diagnostics import gradient_diagnostics
 from discrete_vae.errors import ConfigError, TrainingDiverged, require_budget, require_number
-from discrete_vae.lightning_private import batches_done_this_epoch, logs_this_step
+from discrete_vae.lightning_private import logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,9 @@ class ProgressBar(TQDMProgressBar):
         trainer = self.trainer
         if trainer.max_steps is None or trainer.max_steps < 0 or not math.isfinite(total):
             return total
-        left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-        return max(0, min(total, left + batches_done_this_epoch(trainer)))  # this epoch's: done and to come
+        batches, budget = (steps * trainer.accumulate_grad_batches for steps in (trainer.global_step, trainer.max_steps))
+        done = batches % total  # of this epoch, at its start: 0, or those run before a resume in its middle
+        return min(total, budget - batches + done) if batches < budget else 0
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """Lightning's, without the version number of the logger (v_num): the folder says it."""

@@ -52,8 +52,3 @@ def every_n_train_steps(callback: ModelCheckpoint) -> int:
     """The callback's every_n_train_steps setting (0 when it saves by epochs)."""
     return callback._every_n_train_steps
 
-
-def batches_done_this_epoch(trainer: L.Trainer) -> int:
-    """Training batches of the current epoch started so far: 0 at a fresh epoch's start, the
-    batches already run at the start of an epoch resumed in its middle."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready

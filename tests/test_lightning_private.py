@@ -16,14 +16,10 @@ class Asks(L.Callback):
     """Records, per step, what the private rules answer at the hooks where the project asks them."""
 
     def __init__(self):
-        self.logs, self.validates, self.done, self.at_epoch_start = [], [], [], []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.at_epoch_start.append(private.batches_done_this_epoch(trainer))
+        self.logs, self.validates = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.logs.append(private.logs_this_step(trainer))
-        self.done.append(private.batches_done_this_epoch(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.validates.append(private.validates_after_this_batch(trainer))
@@ -47,7 +43,6 @@ def test_the_logging_and_validation_rules(tmp_path):
         num_sanity_val_steps=0)
     assert asks.logs == [False, False, True, False, False, True, False, False]  # every 3rd step
     assert asks.validates == [False, False, False, True, False, False, False, True]  # epochs of 4 batches
-    assert asks.at_epoch_start == [0, 0] and asks.done == [1, 2, 3, 4, 1, 2, 3, 4]  # counting the one starting
 
 
 def test_the_tensorboard_writer(tmp_path):

@@ -166,6 +166,7 @@ def test_the_image_grid_lays_images_out_in_rows_with_borders():
     (300, 0, 0, 300),      # max_steps ends the first epoch early
     (1200, 1000, 0, 200),  # and the third
     (1200, 1100, 100, 200),  # resumed in the middle of it: the batches done count
+    (1200, 1250, 250, 0),  # past the budget (a checkpoint from a longer run): nothing left
     (-1, 0, 0, 500),       # no step budget: the whole epoch
     (5000, 0, 0, 500),
 ])
@@ -178,5 +179,4 @@ def test_the_progress_bar_total_knows_max_steps(max_steps, global_step, done, to
     trainer = SimpleNamespace(max_steps=max_steps, global_step=global_step, num_training_batches=500,
                               max_epochs=None, accumulate_grad_batches=1)
     monkeypatch.setattr(ProgressBar, "trainer", property(lambda self: trainer))
-    monkeypatch.setattr("discrete_vae.callbacks.batches_done_this_epoch", lambda trainer: done)
     assert bar.total_train_batches == total

@@ -21,6 +21,7 @@ from typing import Any
 from discrete_vae.errors import ConfigError, require_number
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+ESTIMATOR_DIR = CONF / "estimator"
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything and numpy take seeds in [0, 2^32 - 1]
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16", "16")
@@ -115,6 +116,11 @@ def check_validation_interval(trainer: Mapping, batches_per_epoch: int) -> None:
         raise ConfigError(f"trainer.val_check_interval={interval} steps is longer than an epoch ({batches_per_epoch} "
                           f"batches); lower it, or set trainer.check_val_every_n_epoch=null to count steps "
                           f"across epochs")
+
+
+def estimator_names() -> list[str]:
+    """The estimators of the Hydra group conf/estimator/ (the registry)."""
+    return sorted(p.stem for p in ESTIMATOR_DIR.glob("*.yaml"))
 
 
 def check_known_keys(cfg: Mapping, config_name: str, groups: tuple[str, ...] = ()) -> None:

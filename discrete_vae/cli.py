@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from discrete_vae.errors import INTERRUPTED, find_user_error
@@ -150,15 +151,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-class SweepSummary:
+class SweepSummary(Callback):
     """A Hydra callback (conf/train.yaml's hydra.callbacks) that ends a multirun with the command
     that tabulates its runs."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         folder = Path(str(config.hydra.sweep.dir))
         print(f"sweep done: {folder}\n  python scripts/report.py {folder}   # one table of its runs (report.md)")
-
-    def __getattr__(self, name: str):  # Hydra's other hooks: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)

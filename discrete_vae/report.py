@@ -414,7 +414,9 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
         values = np.array([[c[s] for s in steps] for c in curves])  # (seeds, steps)
         mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
         style = ("-", "--", ":")[len(ax.get_lines()) // 10 % 3]  # ten colours, then dashed
-        (line,) = ax.plot(steps, mean, style, label=f"{plot_text(row['config'])} (n={len(curves)})", lw=1.5)
+        marker = "o" if len(steps) == 1 else None  # a run that validated once: a point, not an empty line
+        (line,) = ax.plot(steps, mean, style, marker=marker, label=f"{plot_text(row['config'])} (n={len(curves)})",
+                          lw=1.5)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
         tops.append(mean[min(len(mean) - 1, max(1, len(mean) // 10))])
     if tops:

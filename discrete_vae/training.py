@@ -104,6 +104,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
     forget_stale_rank(cfg.get("trainer", {}))
     if resume == "auto" and (done := records.done_record(output_dir)) is not None:
+        if cfg.get("ckpt_path"):  # not silently ignored: the folder's run is over, its record kept
+            raise ConfigError(
+                f"{output_dir} holds a run that is already {done['status']} (metrics.json), so ckpt_path="
+                f"{cfg.ckpt_path} would not be trained from. Train on from it in a new folder "
+                f"(hydra.run.dir=NEW ckpt_path=... with the new budget), or start this folder afresh (resume=never)")
         # on stderr only: the finished run's own log stays as it was
         print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
               f"Use resume=never to run it again.", file=sys.stderr)

@@ -159,3 +159,14 @@ def test_a_data_position_past_the_epoch_is_refused_on_resume(position, run, monk
     message = error_of(lambda: train_in(run, monkeypatch))
     assert "is not one an epoch of 500 batches can reach" in message, message
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_an_explicit_ckpt_path_in_a_finished_run_folder_is_refused_not_ignored(trained_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = (run / "metrics.json").read_text()
+    message = error_of(lambda: train_in(run, monkeypatch, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                        "trainer.max_steps=8"))
+    assert "holds a run that is already finished (metrics.json), so ckpt_path=" in message
+    assert "hydra.run.dir=NEW ckpt_path=" in message and "resume=never" in message
+    assert (run / "metrics.json").read_text() == record

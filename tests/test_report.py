@@ -239,3 +239,17 @@ def test_each_papers_numbers_go_beside_its_own_experiment():
     assert _paper("gumbel", "arm2019_nonlinear") == "99.6 (Concrete)"
     assert _paper("disarm", "arm2019_linear") == "—" and _paper("gumbel", "small_exact") == "—"
     assert PAPERS["arm2019_linear"].column == "ARM, Table 2"
+
+
+def test_a_run_that_validated_once_is_a_point_on_the_validation_plot(tmp_path, monkeypatch):
+    from discrete_vae import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    runs = [report.Run(tmp_path / "a", ["estimator=sf"], report.FINISHED, curve=[(500, 180.0)], config="sf"),
+            report.Run(tmp_path / "b", ["estimator=st"], report.FINISHED, curve=[(500, 190.0), (1000, 170.0)],
+                       config="st")]
+    report.plot_curves(tmp_path / "val.png", runs, [{"config": "sf"}, {"config": "st"}])
+    once, twice = figures[0].axes[0].get_lines()
+    assert once.get_marker() == "o" and list(once.get_xdata()) == [500]
+    assert twice.get_marker() in ("None", None, "") and list(twice.get_xdata()) == [500, 1000]

@@ -62,6 +62,23 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): value}
 
 
+# what defines a run beside its group choices and command-line overrides, for TensorBoard's HPARAMS tab
+HPARAM_NODES = ("seed", "latent", "upper_latents", "optimizer/lr", "data/batch_size")
+NOT_HPARAMS = ("data/root", "ckpt_path", "resume", "num_threads")  # paths and resources define no run
+
+
+def run_hparams(run_config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The keys that define a run, for TensorBoard's HPARAMS tab (not the config's ninety): its
+    group choices (choice/estimator, ...), the settings its command line changed, its seed, its
+    latent types, learning rate and batch size."""
+    flat = _flat(run_config)
+    changed = {str(o).lstrip("+~").split("=", 1)[0].replace(".", "/") for o in summary["overrides"] if "=" in str(o)}
+    params = {k: v for k, v in flat.items() if (k in changed or k.startswith(HPARAM_NODES))
+              and not k.startswith(NOT_HPARAMS)}
+    params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
+    return params
+
+
 def log_hparams(logger, params: dict[str, Any], metric_tags: list[str]) -> None:
     """Write TensorBoard's hparams summaries naming `metric_tags`; the metric values are the
     scalars the run logs under those tags, so the hparams view shows the final val/neg_elbo."""
@@ -308,9 +325,7 @@ def build_run(
         plugins=[AtomicCheckpointIO()], **(extra_trainer or {}),
     )
     if logger and trainer.is_global_zero and fresh:
-        params = _flat(model.run_config)
-        params.update({f"choice/{k}": str(v) for k, v in summary["choices"].items()})
-        log_hparams(logger, params, [*validation_metrics(cfg), "test/neg_elbo"])
+        log_hparams(logger, run_hparams(model.run_config, summary), [*validation_metrics(cfg), "test/neg_elbo"])
     return datamodule, model, trainer
 
 

@@ -369,3 +369,18 @@ def test_the_summary_a_run_ends_with_is_rounded_for_a_person(tmp_path):
         "  val/neg_elbo 105.12  test/neg_elbo 104.99  (nats per image)",
         f"  tensorboard --logdir {tmp_path}",
     ]
+
+
+def test_the_hparams_tab_holds_the_keys_that_define_a_run():
+    from discrete_vae.training import run_hparams
+
+    config = {"seed": 2, "latent": {"_target_": "discrete_vae.latents.Categorical", "num_latents": 20},
+              "optimizer": {"lr": 0.001, "_partial_": True}, "data": {"batch_size": 100, "root": "/data"},
+              "trainer": {"max_steps": 500, "log_every_n_steps": 50}, "model": {"hidden_dims": [512, 256]},
+              "resume": "auto"}
+    summary = {"choices": {"estimator": "gumbel", "latent": "categorical"},
+               "overrides": ["estimator=gumbel", "trainer.max_steps=500", "data.root=/data", "seed=2"]}
+    assert run_hparams(config, summary) == {
+        "seed": 2, "latent/_target_": "discrete_vae.latents.Categorical", "latent/num_latents": 20,
+        "optimizer/lr": 0.001, "data/batch_size": 100, "trainer/max_steps": 500,
+        "choice/estimator": "gumbel", "choice/latent": "categorical"}

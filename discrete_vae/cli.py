@@ -47,7 +47,8 @@ FIRST_KEYS = ("estimator", "seed")  # what tells the runs of a typical sweep apa
 
 def run_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
     """A sweep job's folder name from its overrides: the estimator's name first, then the seed,
-    then the other `key=value` pairs sorted, `+` prefixes dropped and paths/budgets excluded,
+    then the other `key=value` pairs sorted, `+` prefixes dropped and `exclude` (paths, resources,
+    cadences, quick-check limits: conf/train.yaml) left out,
     e.g. `st_gumbel,seed=2,trainer.max_epochs=5`. TensorBoard's run list shows the start of
     each name, so what differs between runs comes first."""
     pairs = {}

@@ -17,7 +17,7 @@ its metrics.json says so, "failed" when metrics.json records the error
 (the DivergenceGuard callback stopped it), and "unfinished" when there is no metrics.json
 (killed, or still running); failed and unfinished runs are listed, never silently dropped
 (nor diverged ones). Runs are grouped into configurations by their overrides minus the seed
-(and minus budgets and paths that do not name a run, and overrides every run shares), so a
+(and minus the keys that do not name a run: paths, resources, quick-check limits, and overrides every run shares), so a
 sweep over estimator=... and seed=... gives one row per estimator.
 
 The sweep report (report.md) has one row per configuration, mean ± standard deviation over
@@ -178,7 +178,7 @@ def _yaml(path: Path):
 
 
 def excluded_keys(folder: Path) -> set[str]:
-    """The keys the run's Hydra config leaves out of its directory name (budgets, paths)."""
+    """The keys the run's Hydra config leaves out of its directory name (paths, resources, quick-check limits)."""
     tree = _yaml(folder / ".hydra" / "hydra.yaml")
     for key in ("hydra", "job", "config", "override_dirname", "exclude_keys"):
         tree = tree.get(key) if isinstance(tree, dict) else None
@@ -250,7 +250,7 @@ def read_curve(folder: Path) -> list[tuple[int, float]]:
 
 
 def name_configs(runs: list[Run]) -> None:
-    """config = the run's overrides minus the seed, budgets and paths, and minus the overrides
+    """config = the run's overrides minus the seed and the keys that do not name a run, and minus the overrides
     that every finished run shares (a failed run started by hand may lack some of those)."""
 
     kept = [[o for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED] for run in runs]

@@ -127,12 +127,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"{cfg.ckpt_path} would not be trained from. Train on from it in a new folder "
                 f"(hydra.run.dir=NEW ckpt_path=... with the new budget), or start this folder afresh (resume=never)")
         # on stderr only: the finished run's own log stays as it was
-        print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped. "
-              f"Use resume=never to run it again.", file=sys.stderr)
+        differ = differing_overrides(done.get("overrides"), run_summary(cfg)["overrides"])
+        print(f"[discrete_vae] {output_dir} is already {done['status']} (metrics.json): skipped"
+              f"{f' although {differ}' if differ else ''}. Use resume=never to run it again.", file=sys.stderr)
         return done
     check_run_folder(output_dir)
     with run_folder_lock(output_dir):
         return _fit_or_record_failure(cfg, output_dir, start, resume)
+
+
+RERUN_FREE = ("ckpt_path", "resume", "num_threads", "trainer.enable_progress_bar")  # no bearing on a result
+
+
+def differing_overrides(recorded, current: list[str]) -> str:
+    """What a rerun asks differently from the finished run it is about to skip: the settings its folder's
+    name leaves out (the quick-check limits, paths, resources), e.g. "trainer.limit_train_batches=10
+    (the record: 5)". Empty when they agree, or when the record holds no overrides list."""
+    if not isinstance(recorded, list):
+        return ""
+    def pairs(items):
+        return {k.lstrip("+~"): v for k, _, v in (str(o).partition("=") for o in items)}
+    before, now = pairs(recorded), pairs(current)
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RERUN_FREE)
+    return ", ".join(f"{k}={now.get(k, '(default)')} (the record: {before.get(k, '(default)')})" for k in keys)
 
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # what Lightning reads at import

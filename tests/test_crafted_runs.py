@@ -170,3 +170,17 @@ def test_an_explicit_ckpt_path_in_a_finished_run_folder_is_refused_not_ignored(t
     assert "holds a run that is already finished (metrics.json), so ckpt_path=" in message
     assert "hydra.run.dir=NEW ckpt_path=" in message and "resume=never" in message
     assert (run / "metrics.json").read_text() == record
+
+
+def test_a_skipped_finished_run_names_what_the_rerun_asks_differently(trained_run, tmp_path, monkeypatch, capsys):
+    """The quick-check limits do not name a sweep's folders, so a rerun that changes one lands in the
+    finished folder: it is skipped, and the line says which setting the record was made with."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = (run / "metrics.json").read_text()
+    done = train_in(run, monkeypatch, "trainer.max_steps=4", "trainer.limit_val_batches=2")
+    assert done["status"] == "finished" and (run / "metrics.json").read_text() == record
+    err = capsys.readouterr().err
+    assert "already finished (metrics.json): skipped although" in err, err
+    assert "trainer.limit_val_batches=2 (the record: 1)" in err, err
+    assert "trainer.max_steps" not in err  # what agrees is not listed

@@ -253,3 +253,28 @@ def test_a_run_that_validated_once_is_a_point_on_the_validation_plot(tmp_path, m
     once, twice = figures[0].axes[0].get_lines()
     assert once.get_marker() == "o" and list(once.get_xdata()) == [500]
     assert twice.get_marker() in ("None", None, "") and list(twice.get_xdata()) == [500, 1000]
+
+
+def test_report_groups_runs_as_their_folders_are_named(tmp_path):
+    """report.py groups by the rule that names sweep folders (conf/train.yaml): the training budget
+    names a run, so two budgets are two rows; a quick-check limit does not, so it splits no row."""
+    import yaml
+
+    exclude = yaml.safe_load((REPO / "conf" / "train.yaml").read_text())["hydra"]["job"]["config"]
+    exclude = exclude["override_dirname"]["exclude_keys"]
+    assert "trainer.limit_train_batches" in exclude and "trainer.max_steps" not in exclude
+    root = tmp_path / "multirun"
+    runs = [(1, "trainer.max_steps=100", "trainer.limit_train_batches=5"), (2, "trainer.max_steps=100", None),
+            (1, "trainer.max_steps=200", None), (2, "trainer.max_steps=200", None)]
+    for seed, budget, limit in runs:
+        folder = _job(root, "gumbel", seed, {"steps": int(budget.split("=")[1]), "wall_time_s": 1.0, "status": "finished",
+                                             "metrics": {"val/neg_elbo": 100.0, "test/neg_elbo": 99.0}},
+                      extra=[budget, *([limit] if limit else [])])
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": exclude}}}}}))
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    result = _run(REPORT, root, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["config"]: row for row in csv.DictReader((root / "report.csv").open())}
+    assert set(rows) == {"trainer.max_steps=100", "trainer.max_steps=200"}, set(rows)
+    assert rows["trainer.max_steps=100"]["n_seeds"] == rows["trainer.max_steps=200"]["n_seeds"] == "2"

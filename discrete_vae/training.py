@@ -424,7 +424,9 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, start: float, resume: str, 
         cfg, output_dir, start - clock.before, status=records.FINISHED, metrics=metrics, steps=trainer.global_step,
         best_checkpoint=best or None, resumed_from_step=resumed_step or None,
     )
-    log.info("metrics: %s", json.dumps(record["metrics"]))
+    # in full in metrics.json; the log (and the terminal, where train.py's summary follows) gets them for a person
+    log.info("metrics: %s", ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in record["metrics"].items()))
     return record
 
 

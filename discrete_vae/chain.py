@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from discrete_vae.errors import ConfigError
-from discrete_vae.estimators import ANY_LATENT, CostFn, Estimator, EstimatorOutput
+from discrete_vae.estimators import CostFn, Estimator, EstimatorOutput
 from discrete_vae.latents import Latent
 from discrete_vae.networks import Encoder
 
@@ -67,14 +67,12 @@ class HardSample(Estimator):
     """Not a gradient estimator: the cost at one exact sample z ~ q (the latent type's `sample`, from
     `generator`), for reporting the bound at hard samples (validation, test) through every layer."""
 
-    latent_types = ANY_LATENT
-
     def __init__(self, generator: torch.Generator | None = None):
         super().__init__()
         self.generator = generator
 
-    def forward(self, logits: Tensor, cost: CostFn, latent: Latent) -> EstimatorOutput:
-        f = cost(latent.sample(logits, generator=self.generator))
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator=None) -> EstimatorOutput:
+        f = cost(latent.sample(logits, generator=self.generator if generator is None else generator))
         return EstimatorOutput(f, f)
 
 
@@ -200,7 +198,7 @@ class StochasticChain(nn.Module):
         latent = self.latents[level]
         rows = logits.shape[0]
 
-        shape = latent.param_shape
+        shape = latent.event_shape  # of a sample: what the layers above and the local cost see
 
         def above(z: Tensor) -> Tensor:  # (*S, R, *shape) -> (*S, R): the layers above, given z
             lead = tuple(z.shape[: z.dim() - len(shape) - 1])

@@ -1,24 +1,31 @@
 """Latent types: what z is, under the encoder's parameters and under the prior.
 
-The VAE (discrete_vae.vae) and the estimators (discrete_vae.estimators) never assume a shape
-of z: they ask the latent type. One latent type is one class here (with one YAML file in
-conf/latent/); it owns
+The models (discrete_vae.vae, discrete_vae.sbn) and the estimators (discrete_vae.estimators)
+never assume a shape of z: they ask the latent type. One latent type is one class (with one YAML
+file in conf/latent/); it owns
 - `param_shape`: the shape of the encoder's output per example, e.g. (N, K) logits;
-- `sample` / `log_prob`: z ~ q(z|x) as the decoder receives it, and log q(z|x) summed over
-  the latents (noise comes from discrete_vae.sampling, the one place it is drawn);
-- `kl` / `prior_log_prob` / `prior_sample`: the prior p(z), with the analytic KL(q || p);
-- `num_configs` / `enumerate`: every z in a fixed order, for exact enumeration;
-- `decoder_input`: z flattened for the decoder, and `decoder_dim`, its width;
-- `perturb` / `harden` / `conditional_perturb` / `soften`: the reparameterised noisy logits z
-  whose argmax or sign is the sample, z given the sample, and the relaxation of z (REBAR, RELAX,
-  Gumbel-Rao); from them the base class derives `relaxed_sample` and `straight_through_sample`
-  (Gumbel-Softmax and straight-through on categories, the binary Concrete and its forms on bits);
-- `categorical_view` / `from_categorical` / `categorical_shape`: the latents as categorical
-  variables (a bit is two categories), for the estimators written on categories (ReinMax, GST,
-  ZGR, IndeCateR).
+- `event_shape`: the shape of one example's sample z (the parameters' shape unless the type says
+  otherwise), and `decoder_input` / `decoder_dim`, z flattened for a network and its width;
+- `sample` / `log_prob`: z ~ q(z|x), and log q(z|x) summed over the latents (noise comes from
+  discrete_vae.sampling, the one place it is drawn, from the `generator` given or torch's own);
+- `kl` / `entropy` / `prior_log_prob` / `prior_sample`: the prior p(z), with the analytic KL(q || p).
 
-Capabilities are declared as class attributes, as torch.distributions does (`has_rsample`):
-`name` is what an estimator lists in its `latent_types` to say it supports this type.
+Beyond that contract a type offers what it can, declared as class attributes in the manner of
+torch.distributions (`has_rsample`, `has_enumerate_support`); the estimators state what they
+need of these (`Estimator.needs`) and are matched against them, never against a type's name:
+- `has_enumerate_support`: `num_configs` / `enumerate`, every z in a fixed order (exact
+  enumeration, exact likelihoods);
+- `has_relaxation`: `perturb` / `harden` / `soften`, reparameterised noisy logits whose `harden`
+  is an exact sample, and their relaxation at a temperature (Gumbel-Softmax, REBAR, RELAX);
+  from them the base class derives `relaxed_sample`;
+- `has_straight_through`: `straight_through_sample`, an exact sample with the gradient of the
+  noise-free relaxation `soften(logits, tau)` (straight-through);
+- `has_conditional_noise`: `conditional_perturb`, the noisy logits given the sample (Gumbel-Rao,
+  REBAR, RELAX);
+- `has_categorical_view`: `categorical_view` / `from_categorical` / `categorical_shape`, the
+  latents as categorical variables (ReinMax, GST, ZGR, IndeCateR); a bit is two categories;
+- `has_binary_view`: `binary_view` / `from_binary`, the latents as independent bits with logits
+  (the antithetic pairs of ARM and DisARM).
 """
 
 from __future__ import annotations
@@ -34,26 +41,47 @@ from discrete_vae.errors import ConfigError, require_number
 
 Size = tuple[int, ...] | torch.Size
 
+# the capabilities a latent type may declare (class attributes), as an estimator's refusal names them
+CAPABILITIES = {
+    "has_enumerate_support": "finite support (num_configs, enumerate)",
+    "has_relaxation": "a relaxation with a temperature (perturb, harden, soften)",
+    "has_straight_through": "a straight-through sample (straight_through_sample)",
+    "has_conditional_noise": "noise conditioned on the sample (conditional_perturb)",
+    "has_categorical_view": "a categorical view (categorical_view, from_categorical)",
+    "has_binary_view": "a binary view (binary_view, from_binary)",
+}
+
 
 class Latent(nn.Module):
     """Base class of latent types. An nn.Module so that a learned prior's parameters, if a type has
-    them, train and checkpoint with the model. Shapes: logits (*S, B, *param_shape), z likewise."""
+    them, train and checkpoint with the model. Shapes: logits (*S, B, *param_shape), z (*S, B, *event_shape)."""
 
-    name: str = ""  # what estimators list in `latent_types`
-    event_dims: int = 1  # trailing dims of `param_shape` that are one example's latents
+    name: str = ""  # for messages and tables
+    # capabilities (see the module docstring and CAPABILITIES): what the type offers beyond the contract
+    has_enumerate_support: bool = False
+    has_relaxation: bool = False
+    has_straight_through: bool = False
+    has_conditional_noise: bool = False
+    has_categorical_view: bool = False
+    has_binary_view: bool = False
 
     @property
     def param_shape(self) -> tuple[int, ...]:  # pragma: no cover - every type defines it
         raise NotImplementedError
 
     @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The shape of one example's sample z; the parameters' shape unless the type says otherwise."""
+        return self.param_shape
+
+    @property
     def decoder_dim(self) -> int:
         """The width of `decoder_input(z)`."""
-        return math.prod(self.param_shape)
+        return math.prod(self.event_shape)
 
     def decoder_input(self, z: Tensor) -> Tensor:
-        """z as the decoder receives it: the example's dims flattened.  # (..., *param_shape) -> (..., D_z)"""
-        return z.flatten(-len(self.param_shape))
+        """z as a network receives it: the example's dims flattened.  # (..., *event_shape) -> (..., D_z)"""
+        return z.flatten(-len(self.event_shape))
 
     def sample(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -82,21 +110,21 @@ class Latent(nn.Module):
         raise NotImplementedError
 
     def enumerate(self, start: int = 0, end: int | None = None, *, device=None, dtype=torch.float32) -> Tensor:  # pragma: no cover
-        """Configurations [start, end) of the `num_configs`, in a fixed order.  # (C, *param_shape)"""
+        """Configurations [start, end) of the `num_configs`, in a fixed order.  # (C, *event_shape)"""
         raise NotImplementedError
 
-    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False) -> Tensor:
+    def relaxed_sample(self, logits: Tensor, tau, hard: bool = False, generator=None) -> Tensor:
         """The reparameterised relaxation soften(perturb(logits), tau) (Gumbel-Softmax, Jang et al. 2017,
         Eq. 1; the binary Concrete on bits, Maddison et al. 2017, Sec. 3.3); with `hard`, forward the
         exact sample harden(z) and backward through the relaxation, the same noise (Jang et al., Sec. 2.2)."""
-        z = self.perturb(logits)  # (B, *param_shape)
+        z = self.perturb(logits, generator=generator)  # (B, *param_shape)
         soft = self.soften(z, tau)
         return sampling.straight_through(self.harden(z), soft) if hard else soft
 
-    def straight_through_sample(self, logits: Tensor, tau) -> Tensor:
+    def straight_through_sample(self, logits: Tensor, tau, generator=None) -> Tensor:
         """Forward an exact sample, backward through the noise-free relaxation soften(logits, tau)
-        (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4)."""
-        return sampling.straight_through(self.sample(logits), self.soften(logits, tau))
+        (Bengio et al. 2013; "ST" in Jang et al. 2017, Sec. 4).  # (B, *event_shape)"""
+        return sampling.straight_through(self.sample(logits, generator=generator), self.soften(logits, tau))
 
     def perturb(self, logits: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
         """Reparameterised noisy logits z (logits + noise, differentiable in logits) whose `harden` is an
@@ -104,7 +132,7 @@ class Latent(nn.Module):
         raise NotImplementedError
 
     def harden(self, z: Tensor) -> Tensor:  # pragma: no cover
-        """The sample that noisy logits z stand for (argmax or sign), no gradient."""
+        """The sample that noisy logits z stand for (argmax or sign), no gradient.  # (..., *param_shape) -> (..., *event_shape)"""
         raise NotImplementedError
 
     def conditional_perturb(self, logits: Tensor, hard: Tensor, sample_shape: Size = (), generator=None) -> Tensor:  # pragma: no cover
@@ -112,7 +140,8 @@ class Latent(nn.Module):
         raise NotImplementedError
 
     def soften(self, z: Tensor, tau) -> Tensor:  # pragma: no cover
-        """The relaxation of noisy logits at temperature tau, what the decoder receives in place of a sample."""
+        """The relaxation of noisy logits at temperature tau, what the decoder receives in place of a sample.
+        # (..., *param_shape) -> (..., *event_shape)"""
         raise NotImplementedError
 
     @property
@@ -125,7 +154,15 @@ class Latent(nn.Module):
         raise NotImplementedError
 
     def from_categorical(self, one_hot: Tensor) -> Tensor:  # pragma: no cover
-        """A one-hot sample of `categorical_view` as this type's z, gradients passed through.  # (..., N, K) -> (..., *param_shape)"""
+        """A one-hot sample of `categorical_view` as this type's z, gradients passed through.  # (..., N, K) -> (..., *event_shape)"""
+        raise NotImplementedError
+
+    def binary_view(self, logits: Tensor) -> Tensor:  # pragma: no cover
+        """The latents' parameters as the logits of independent bits.  # (..., *param_shape) -> (..., N)"""
+        raise NotImplementedError
+
+    def from_binary(self, bits: Tensor) -> Tensor:  # pragma: no cover
+        """A sample of `binary_view` (0./1.) as this type's z.  # (..., N) -> (..., *event_shape)"""
         raise NotImplementedError
 
     def describe(self, with_prior: bool = True) -> str:
@@ -143,6 +180,8 @@ class Categorical(Latent):
     """
 
     name = "categorical"
+    has_enumerate_support = has_relaxation = has_straight_through = has_conditional_noise = True
+    has_categorical_view = True
 
     def __init__(self, num_latents: int = 20, num_categories: int = 10):
         super().__init__()
@@ -218,6 +257,8 @@ class Bernoulli(Latent):
     """
 
     name = "bernoulli"
+    has_enumerate_support = has_relaxation = has_straight_through = has_conditional_noise = True
+    has_categorical_view = has_binary_view = True
     PRIORS = ("uniform", "learned")
 
     def __init__(self, num_latents: int = 200, prior: str = "uniform"):
@@ -288,6 +329,12 @@ class Bernoulli(Latent):
 
     def from_categorical(self, one_hot: Tensor) -> Tensor:
         return one_hot[..., 1]  # (..., N): the bit, and the gradient of its "1" category
+
+    def binary_view(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def from_binary(self, bits: Tensor) -> Tensor:
+        return bits
 
     def describe(self, with_prior: bool = True) -> str:
         return f"N={self.num_latents} Bernoulli latents" + (f" ({self.prior} prior)" if with_prior else "")

@@ -127,8 +127,8 @@ class VAE(StochasticChain):
         if level == len(self.upper):
             return latent.prior_log_prob(z)
         configs = self.latents[level + 1].enumerate(device=z.device, dtype=z.dtype)  # (C, *shape above)
-        logits = self.conditional_logits(level + 1, configs)  # (C, *shape)
-        shape = latent.param_shape
+        logits = self.conditional_logits(level + 1, configs)  # (C, *param_shape)
+        shape = latent.event_shape
         joint = latent.log_prob(logits[:, None], z[None]) + self._marginal_prior(level + 1, configs)[:, None]  # (C, Z)
         return torch.logsumexp(joint, dim=0).reshape(z.shape[: z.dim() - len(shape)])
 

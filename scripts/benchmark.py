@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from discrete_vae.build import build_model
 from discrete_vae.devices import describe_device, resolve_device
-from discrete_vae.estimators import ANY_LATENT
+from discrete_vae.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -61,9 +61,10 @@ def main() -> None:
         small = ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("train", overrides=[f"estimator={name}", *small, *args.overrides])
-            types = instantiate(cfg.estimator).latent_types  # each estimator on a latent type it declares
-            if types != ANY_LATENT and instantiate(cfg.latent).name not in types:
-                cfg = compose("train", overrides=[f"estimator={name}", f"latent={types[0]}", *args.overrides])
+            try:  # each estimator on a latent type that offers what it needs: the configured one, else bits
+                instantiate(cfg.estimator).check(instantiate(cfg.latent))
+            except ConfigError:
+                cfg = compose("train", overrides=[f"estimator={name}", "latent=bernoulli", *args.overrides])
         model = build_model(cfg).to(device)
         seconds = time_steps(model, x, args.steps, args.warmup)
         print(f"| {name} | {model.vae.latent.describe()} | {1e3 * seconds:.2f} | {args.batch_size / seconds:,.0f} |")

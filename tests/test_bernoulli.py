@@ -103,9 +103,9 @@ def test_disarm_has_less_variance_than_arm_at_equal_decoder_evaluations():
     assert ratio < 0.8, f"measured variance ratio DisARM / ARM = {ratio:.3f}"  # about 0.57 here
 
 
-def test_each_estimator_is_refused_by_the_latent_types_it_does_not_declare():
+def test_the_antithetic_estimators_are_refused_by_a_latent_type_without_a_binary_view():
     for estimator in (E.ARM(), E.DisARM()):
-        with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
+        with pytest.raises(ConfigError, match=r"needs a latent type with a binary view .*\(has_binary_view\); Categorical"):
             estimator.check(Categorical(2, 3))
     with pytest.raises(ConfigError, match="latent.prior='flat' is not one of uniform, learned"):
         Bernoulli(3, prior="flat")

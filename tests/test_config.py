@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from discrete_vae.errors import ConfigError
-from discrete_vae.estimators import ANY_LATENT, Estimator
+from discrete_vae.estimators import Estimator
 from discrete_vae.build import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -30,8 +30,8 @@ def test_estimator_config_composes_and_instantiates(name):
     small = ["latent.num_latents=2", "latent.num_categories=10"] if name == "exact" else []
     cfg = compose_train([f"estimator={name}", *small])
     estimator = instantiate(cfg.estimator)
-    if "categorical" not in estimator.latent_types and estimator.latent_types != ANY_LATENT:
-        cfg = compose_train([f"estimator={name}", "latent=bernoulli"])  # a latent type it declares
+    if "has_binary_view" in estimator.needs:
+        cfg = compose_train([f"estimator={name}", "latent=bernoulli"])  # a latent type that offers what it needs
     assert isinstance(estimator, Estimator)
     model = build_model(cfg)
     x = (torch.rand(3, 784) < 0.2).float()

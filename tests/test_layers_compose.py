@@ -98,8 +98,6 @@ def test_an_unbiased_estimator_on_both_layers_is_unbiased_for_both(make):
 class Record(E.Estimator):
     """A stand-in for the layer above that records its first uniform draw per call."""
 
-    latent_types = E.ANY_LATENT
-
     def __init__(self, seen):
         super().__init__()
         self.seen = seen

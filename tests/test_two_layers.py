@@ -121,7 +121,7 @@ def test_a_categorical_layer_above_bits_and_one_estimator_for_two_layers_refused
 
     with pytest.raises(ConfigError, match="needs one estimator per layer"):
         model.objective(X, E.GumbelSoftmax())
-    with pytest.raises(ConfigError, match="supports bernoulli latents, not categorical"):
+    with pytest.raises(ConfigError, match="needs a latent type with a binary view"):
         model.layer_estimators(E.ARM())
 
 

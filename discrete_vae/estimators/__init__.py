@@ -1,0 +1,38 @@
+"""Gradient estimators for E_{q(z|x)}[f(z)], one small class each, by family (one file each):
+
+- score_function: `ScoreFunction` (REINFORCE with an EMA baseline), `RLOO` (leave-one-out);
+- antithetic: `ARM`, `DisARM` (pairs of bits from one uniform draw);
+- relaxed: `GumbelSoftmax`, `STGumbelSoftmax`, `StraightThrough`, `GumbelRao`, `ReinMax`,
+  `GappedStraightThrough`, `ZGR` (relaxations and straight-through);
+- control_variates: `REBAR`, `RELAX` (learned control variates);
+- enumeration: `Exact`, `IndeCateR`.
+
+The contract and the capability check are in `base` (read its docstring first). Every estimator
+works in any model, with no Lightning and no Hydra:
+
+    est = RLOO(num_samples=4)
+    est.check(latent)                      # once: refuses a latent type lacking what it needs
+    out = est(logits, cost, latent, generator=g)
+    out.loss.mean().backward()             # the estimate, in the logits' gradient
+"""
+
+from discrete_vae.estimators.antithetic import ARM, DisARM
+from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, TemperatureEstimator, as_categories
+from discrete_vae.estimators.control_variates import MAX_HIDDEN, REBAR, RELAX
+from discrete_vae.estimators.enumeration import Exact, IndeCateR
+from discrete_vae.estimators.relaxed import (
+    ZGR,
+    GappedStraightThrough,
+    GumbelRao,
+    GumbelSoftmax,
+    ReinMax,
+    STGumbelSoftmax,
+    StraightThrough,
+)
+from discrete_vae.estimators.score_function import RLOO, ScoreFunction
+
+__all__ = [
+    "ARM", "MAX_HIDDEN", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
+    "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "ReinMax", "STGumbelSoftmax",
+    "ScoreFunction", "StraightThrough", "TemperatureEstimator", "as_categories",
+]

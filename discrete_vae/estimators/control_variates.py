@@ -1,0 +1,138 @@
+"""Learned control variates: REBAR and RELAX correct the score function with a relaxed,
+reparameterised control variate whose temperature, scale (and RELAX's network) are trained to
+minimise the estimate's variance while the model trains. They need a relaxation and the noise
+given the sample (`has_relaxation`, `has_conditional_noise`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from discrete_vae.errors import ConfigError, require_number
+from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, Generator
+from discrete_vae.latents import Latent
+
+
+class REBAR(Estimator):
+    """REBAR (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein 2017, Eq. 5 / Sec. 3): the score
+    function with a relaxed, reparameterised control variate. With z = logits + noise
+    (`Latent.perturb`: Gumbel for categories, logistic for bits), b = harden(z), z~ ~ p(z | b)
+    (`conditional_perturb`) and the control variate c(z) = eta f(sigma_lambda(z)),
+    sigma_lambda = `soften` at temperature lambda,
+
+        grad = [f(b) - c(z~)] grad log q(b|x) + grad c(z) - grad c(z~),
+
+    unbiased for every eta and lambda (E[grad c(z)] = E[c(z~) grad log q(b)] + E[grad c(z~)]).
+
+    eta and log lambda are parameters trained, while the model trains, to minimise the variance
+    of the estimate by its gradient (Tucker et al. 2017, Sec. 3.3; Grathwohl et al. 2018, Eq. 6):
+    d Var / d theta = d E[g^2] / d theta, through the estimate itself (a double backward). Here g is
+    the estimate for the encoder's logits, per example, the sum of its squares averaged over the
+    batch (V): the batch's gradient for the encoder's weights is a fixed linear map of it. theta
+    descends log V, whose gradient is d V / d theta divided by the batch's V: the same direction,
+    with a size that does not grow with the cost's scale (V is of order 1e4 to 1e6 at the start
+    of training), so it never dominates a gradient-norm clip of the model. The variance gradient
+    is injected into the loss (`_inject`), so one backward trains the model
+    (by g) and theta (by the variance) with the one optimizer; theta and its optimizer state
+    checkpoint with the model. Only in training mode with gradients on; elsewhere theta is fixed.
+
+    The decoder gets the gradient of f(b) alone; the reported value is f(b). Three decoder
+    evaluations per example: b, sigma(z), sigma(z~) (in one call). In a chain of stochastic layers
+    (discrete_vae.chain) the layers above draw the same noise for the three (`shares_noise_above`):
+    the control variate then follows f through them as in the papers' multi-layer form (Tucker et
+    al. 2017, App.; Grathwohl et al. 2018), which keeps it correlated with f(b).
+    """
+
+    needs = ("has_relaxation", "has_conditional_noise")
+    shares_noise_above = True  # f(b), f(sigma(z)), f(sigma(z~)) with the same noise in the layers above
+
+    def __init__(self, tau: float = 0.5, scale: float = 1.0, learn: bool = True):
+        super().__init__()
+        require_number("estimator.tau", tau, positive=True, hint="the initial relaxation temperature, e.g. 0.5")
+        require_number("estimator.scale", scale, hint="the initial control-variate scale eta, e.g. 1.0")
+        if not isinstance(learn, bool):
+            raise ConfigError(f"estimator.learn must be true or false, got {learn!r}")
+        self.log_tau = nn.Parameter(torch.tensor(math.log(float(tau))), requires_grad=learn)
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn)
+
+    def decoder_evaluations(self, latent: Latent) -> int:
+        return 3
+
+    def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:
+        """c(z) = eta f(sigma_lambda(z)).  # f_soft (B,) -> (B,)"""
+        return self.scale * f_soft
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        train_theta = self.training and any(p.requires_grad for p in self.parameters())
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation: the value alone
+            f = cost(latent.sample(logits, generator=generator))
+            return EstimatorOutput(f, f)
+        z = latent.perturb(logits, generator=generator)  # (B, *param_shape), reparameterised
+        b = latent.harden(z)
+        z_tilde = latent.conditional_perturb(logits, b, generator=generator)  # (B, *param_shape), reparameterised given b
+        tau = self.log_tau.exp()
+        f_b, f_z, f_zt = cost(torch.stack([b, latent.soften(z, tau), latent.soften(z_tilde, tau)]))  # (B,) each
+        context = logits.detach()
+        c_z, c_zt = self.control(f_z, z, context), self.control(f_zt, z_tilde, context)  # (B,) each
+        (score,) = torch.autograd.grad(latent.log_prob(logits, b).sum(), logits, retain_graph=True)
+        (grad_c,) = torch.autograd.grad((c_z - c_zt).sum(), logits, retain_graph=True, create_graph=train_theta)
+        signal = (f_b.detach() - c_zt).reshape(-1, *[1] * (logits.dim() - 1))  # (B, 1, ...)
+        estimate = signal * score + grad_c  # (B, *param_shape), the estimate for the logits
+        dims = tuple(range(1, logits.dim()))
+        surrogate = (logits * estimate.detach()).sum(dims)  # (B,): its gradient is the estimate
+        loss = f_b + (surrogate - surrogate.detach())
+        if train_theta:
+            variance = estimate.pow(2).sum(dims).mean()  # V = E||g||^2 per example
+            loss = loss + self._inject(torch.log(variance.clamp_min(torch.finfo(variance.dtype).tiny)))
+        return EstimatorOutput(loss, f_b)
+
+    def _inject(self, objective: Tensor) -> Tensor:
+        """A term worth zero whose gradient is d objective / d theta for this estimator's parameters and
+        nothing for any other tensor (the model's gradient stays the estimate's)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+        term = sum((p * g.detach()).sum() for p, g in zip(params, grads) if g is not None)
+        return term - term.detach() if torch.is_tensor(term) else objective.new_zeros(())
+
+
+MAX_HIDDEN = 16_384  # RELAX's network width: 137 in the papers; a checkpoint's 10^12 would exhaust memory
+
+
+class RELAX(REBAR):
+    """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud 2018, Eq. 6 and Alg. 2 for discrete b): REBAR's
+    estimator with the control variate made free-form,
+
+        c(z) = eta [f(sigma_lambda(z)) + r_rho(x, z)],
+
+    r_rho a small network (one hidden layer of `hidden` LeakyReLU(0.3) units, as the DisARM authors'
+    RELAX: 137 units). It sees z and the encoder's logits for x (standing in for x, detached: a
+    fixed function of x at this step, so the estimate stays unbiased). rho, eta and lambda are all
+    trained by the variance gradient, as REBAR's (Grathwohl et al. 2018, Sec. 3.3). The network is
+    built at start-up (`check`), when the latent type's size is known.
+    """
+
+    def __init__(self, tau: float = 0.5, scale: float = 1.0, hidden: int = 137, learn: bool = True):
+        super().__init__(tau, scale, learn)
+        self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True, high=MAX_HIDDEN,
+                                         hint="the control variate network's width"))
+        self.net: nn.Module | None = None
+
+    def check(self, latent: Latent) -> None:
+        super().check(latent)
+        width = 2 * math.prod(latent.param_shape)  # [logits, z]
+        if self.net is None or self.net[0].in_features != width:
+            net = nn.Sequential(nn.Linear(width, self.hidden), nn.LeakyReLU(0.3), nn.Linear(self.hidden, 1))
+            self.net = net.to(self.scale.device, self.scale.dtype)  # where the estimator already is
+            self.net.requires_grad_(self.scale.requires_grad)
+
+    def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:
+        """c(z) = eta [f(sigma_lambda(z)) + r_rho(logits, z)].  # (B,)"""
+        features = torch.cat([context.flatten(1), z.flatten(1)], dim=-1).to(self.net[0].weight.dtype)
+        return self.scale * (f_soft + self.net(features).squeeze(-1))
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        if self.net is None:
+            self.check(latent)
+        return super().forward(logits, cost, latent, generator)

@@ -1,0 +1,81 @@
+"""The score function (REINFORCE) and its leave-one-out form: unbiased estimators that need
+nothing of a latent type beyond sampling and log q(z|x), so they take any latent type."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from discrete_vae.errors import ConfigError, require_number
+from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, Generator
+from discrete_vae.latents import Latent
+
+
+class ScoreFunction(Estimator):
+    """REINFORCE / score function with an exponential-moving-average baseline (Williams 1992, Eq. 11;
+    Mnih & Gregor 2014, Sec. 3 for the baseline):
+
+        surrogate = f(z) + stopgrad(f(z) - b) * (log q(z|x) - stopgrad(log q(z|x))),   z ~ q(z|x),
+        grad = (f(z) - b) grad log q(z|x)   (unbiased: b does not depend on z).
+
+    b is the bias-corrected EMA of the batch-mean cost over past steps (0 before the first
+    step), updated after use and only in training mode; it is a buffer, saved in checkpoints.
+    Written against the Latent interface alone: any latent type.
+    """
+
+    needs = ()
+
+    def __init__(self, momentum: float = 0.99):
+        super().__init__()
+        require_number("estimator.momentum", momentum, low=0.0, high=0.999999, hint="in [0, 1), e.g. 0.99")
+        self.momentum = momentum
+        self.register_buffer("ema", torch.zeros(()))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def baseline(self) -> Tensor:
+        correction = 1.0 - self.momentum ** self.num_updates.clamp_min(1).to(self.ema.dtype)
+        return torch.where(self.num_updates > 0, self.ema / correction, torch.zeros_like(self.ema))
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        z = latent.sample(logits, generator=generator)  # (B, *param_shape)
+        f = cost(z)  # (B,)
+        log_q = latent.log_prob(logits, z)  # (B,)
+        loss = f + (f - self.baseline()).detach() * (log_q - log_q.detach())  # worth f: the term is zero
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(self.momentum).add_((1.0 - self.momentum) * f.mean())
+                self.num_updates.add_(1)
+        return EstimatorOutput(loss, f)
+
+
+class RLOO(Estimator):
+    """REINFORCE leave-one-out (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples,
+    get a baseline for free!", Sec. 2): S samples z_1..z_S ~ q(z|x), costs f_i,
+
+        grad = 1/S sum_i (f_i - 1/(S-1) sum_{j != i} f_j) grad log q(z_i|x),
+
+    unbiased. The decoder's gradient is the average over the S samples. Any latent type.
+    """
+
+    needs = ()
+
+    def __init__(self, num_samples: int = 4):
+        super().__init__()
+        if not (isinstance(num_samples, int) and not isinstance(num_samples, bool)) or num_samples < 2:
+            raise ConfigError(
+                f"estimator.num_samples must be an integer >= 2 for rloo (the leave-one-out "
+                f"baseline needs another sample), got {num_samples}"
+            )
+        self.num_samples = int(num_samples)
+
+    def decoder_evaluations(self, latent: Latent) -> int:
+        return self.num_samples
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        S = self.num_samples
+        z = latent.sample(logits, (S,), generator=generator)  # (S, B, *param_shape)
+        f = cost(z)  # (S, B)
+        log_q = latent.log_prob(logits, z)  # (S, B)
+        baseline = (f.sum(0, keepdim=True) - f) / (S - 1)  # (S, B) mean of the others
+        loss = (f + (f - baseline).detach() * (log_q - log_q.detach())).mean(0)  # worth mean f
+        return EstimatorOutput(loss, f.mean(0))

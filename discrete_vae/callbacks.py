@@ -22,20 +22,14 @@ from discrete_vae.checkpoints import best_checkpoint
 from discrete_vae.diagnostics import gradient_diagnostics
 from discrete_vae.errors import ConfigError, TrainingDiverged, require_budget, require_number
 from discrete_vae.lightning_private import logs_this_step
+from discrete_vae.temperature import anneal, temperature_schedule
 
 log = logging.getLogger(__name__)
 
 
-def temperature_schedule(step: int, tau_0: float, tau_min: float, rate: float, interval: int) -> float:
-    """tau = max(tau_min, tau_0 * exp(-rate * t)), t = step rounded down to a multiple of `interval`
-    (Jang et al. 2017, Sec. 4.2: tau = max(0.5, exp(-r t)), updated every N steps)."""
-    t = (step // interval) * interval
-    return max(tau_min, tau_0 * math.exp(-rate * t))
-
-
 class TemperatureAnnealing(L.Callback):
-    """Sets `estimator.tau` from `temperature_schedule` and logs `train/temperature` (on the steps
-    that log) for estimators with a temperature; does nothing for the others.
+    """Sets `estimator.tau` by discrete_vae.temperature's schedule and logs `train/temperature` (on the
+    steps that log) for estimators with a temperature; does nothing for the others.
 
     The schedule starts from the estimator's own configured `tau` (`estimator.tau=5` gives 5 at
     step 0), unless `tau_0` is given here explicitly. Its floor is `tau_min`, raised to the
@@ -62,9 +56,8 @@ class TemperatureAnnealing(L.Callback):
         return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate, self.interval)
 
     def _set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for estimator in pl_module.estimators:  # every stochastic layer's
-            if estimator.has_temperature:
-                estimator.tau.fill_(self.temperature(trainer.global_step, estimator))  # host value, no device sync
+        # every stochastic layer's estimator; a host value filled in, no device sync
+        anneal(pl_module.estimators, trainer.global_step, self.tau_min, self.rate, self.interval, self.tau_0)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         estimator = pl_module.estimator

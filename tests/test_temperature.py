@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_module
 from discrete_vae import estimators as E
-from discrete_vae.callbacks import TemperatureAnnealing, temperature_schedule
+from discrete_vae.callbacks import TemperatureAnnealing
+from discrete_vae.temperature import anneal, temperature_schedule
 from discrete_vae.data import Batches
 from discrete_vae.errors import ConfigError
 
@@ -101,3 +102,17 @@ def test_callback_ignores_estimators_without_temperature(tmp_path):
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="interval"):
         TemperatureAnnealing(interval=0)
+
+
+def test_anneal_sets_what_the_callback_sets_in_a_loop_of_ones_own():
+    """discrete_vae.temperature.anneal, for a training loop without Lightning: each estimator with a
+    temperature gets the schedule from its own tau, floored at its own tau_min (ReinMax's 1.3); the
+    others are left alone; the callback's value at the same step is the same."""
+    gumbel, reinmax, sf = E.GumbelSoftmax(tau=2.0), E.ReinMax(), E.ScoreFunction()
+    anneal([gumbel, reinmax, sf], step=5000, tau_min=0.5, rate=1e-4, interval=1000)
+    assert float(gumbel.tau) == pytest.approx(2.0 * math.exp(-0.5))
+    assert float(reinmax.tau) == pytest.approx(1.3) and not hasattr(sf, "tau")
+    callback = TemperatureAnnealing(tau_min=0.5, rate=1e-4, interval=1000)
+    assert callback.temperature(5000, gumbel) == pytest.approx(float(gumbel.tau))
+    anneal(gumbel, step=10**6)
+    assert float(gumbel.tau) == 0.5

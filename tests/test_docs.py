@@ -54,12 +54,26 @@ def test_the_readme_shows_training_and_evaluation():
 
 
 @pytest.mark.parametrize("args", readme_commands("train.py"), ids=" ".join)
-def test_the_readmes_training_commands_pass_train_pys_checks(args, tmp_path):
-    """Each command as train.py composes it (a sweep's first job: the first value of each list)."""
-    overrides = [a.split(",")[0] if "=" in a and not a.startswith("hydra.") else a for a in args if a != "-m"]
+def test_the_readmes_training_commands_pass_train_pys_checks(args, tmp_path, monkeypatch):
+    """Each command as train.py composes it (a sweep's first job: the first value of each list); the
+    extension's, with the user's folder made from docs/extending.md beside a project folder."""
+    if any("$PWD/../my_parts" in a for a in args):
+        from test_extending import doc_block
+
+        for name in ("my_parts.py", "conf/latent/ordinal.yaml", "conf/estimator/plain_reinforce.yaml"):
+            (tmp_path / "my_parts" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "my_parts" / name).write_text(doc_block(f"my_parts/{name}"))
+        monkeypatch.syspath_prepend(str(tmp_path / "my_parts"))
+        args = [a.replace("$PWD", str(tmp_path / "project")) for a in args]
+    overrides = [a.split(",")[0] if "=" in a and not a.startswith(("hydra.", "upper_latents")) else a
+                 for a in args if a != "-m"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=normalize_overrides(overrides))
     check_config(cfg)
+    if cfg.latent._target_.startswith("my_parts."):
+        from discrete_vae.build import build_model
+
+        build_model(cfg)  # the user's classes import, and the estimator takes the latent type
 
 
 @pytest.mark.parametrize("args", readme_commands("evaluate.py"), ids=" ".join)

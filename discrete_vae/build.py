@@ -86,7 +86,7 @@ def _unknown_argument(err: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def build_vae(cfg: DictConfig) -> VAE:
+def build_model(cfg: DictConfig) -> VAE:
     """The VAE of `cfg.model` around the latent type of `cfg.latent`, and the stochastic layers of
     `cfg.upper_latents` above it (a list of latent configs; absent or empty: one layer)."""
     upper = cfg.get("upper_latents") or []
@@ -96,13 +96,13 @@ def build_vae(cfg: DictConfig) -> VAE:
     return build(cfg.model, latent=build(cfg.latent), upper_latents=[build(node) for node in upper])
 
 
-def build_model(cfg: DictConfig, run_config: dict[str, Any] | None = None,
+def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None,
                 run_choices: dict[str, str] | None = None) -> VAEModule:
     """The LightningModule of a run: the VAE, the estimator (checked against the latent type), the
     optimizer and the evaluation settings. `run_config` is saved in its checkpoints."""
     optimizer = build(cfg.optimizer) if cfg.get("optimizer") is not None else None
     return VAEModule(
-        build_vae(cfg), build(cfg.estimator), optimizer=optimizer,
+        build_model(cfg), build(cfg.estimator), optimizer=optimizer,
         num_images=cfg.get("num_images", 8), test_iwae_samples=cfg.get("test_iwae_samples", 50),
         val_iwae_samples=cfg.get("val_iwae_samples", 0), seed=cfg.get("seed", 0),
         run_config=run_config, run_choices=run_choices,
@@ -147,9 +147,11 @@ def check_targets(config: dict[str, Any], trusted_modules: Sequence[str] = ()) -
         packages = (*OWN_PACKAGES.get(key, ("discrete_vae",)), *trusted_modules)
         for where, target in _targets(config.get(key), key):
             obj = _resolve(target, packages)
-            if not (isinstance(obj, type) and issubclass(obj, base)):
+            # inside the model node, its networks (model.encoder, model.decoder): torch modules of those packages
+            need = torch.nn.Module if key == "model" and where != "model._target_" else base
+            if not (isinstance(obj, type) and issubclass(obj, need)):
                 raise DataError(
-                    f"refused the checkpoint: its config's {where}={target!r} is not a {base.__name__} of "
+                    f"refused the checkpoint: its config's {where}={target!r} is not a {need.__name__} of "
                     f"{' or '.join(packages)}, and building it could run code. Use a checkpoint written by "
                     f"scripts/train.py; for your own package's parts, name it: trusted_modules=[PACKAGE]."
                 )
@@ -163,7 +165,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     checkpoint = read_checkpoint(path, map_location)
     check_targets(checkpoint["config"], trusted_modules)
     cfg = OmegaConf.create(checkpoint["config"])
-    model = build_model(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
+    model = build_module(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
     check_weights_fit(model, checkpoint["state_dict"], Path(path))
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)  # trained weights: a later fit keeps its output bias

@@ -159,7 +159,7 @@ class GradientStats(L.Callback):
             if self.batch is None:
                 self.batch = self._held_out_batch(trainer, device)
             report = gradient_diagnostics(
-                pl_module.vae, self.batch, pl_module.estimators, self.num_estimates,
+                pl_module.model, self.batch, pl_module.estimators, self.num_estimates,
                 chunk_size=self.chunk_size, timing_repeats=0, reference_options=self.reference_options,
             )
         self.last_report = report

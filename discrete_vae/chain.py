@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import CostFn, Estimator, EstimatorOutput
 from discrete_vae.latents import Latent
-from discrete_vae.networks import Encoder
+from discrete_vae.networks import MLP
 
 MAX_CHAIN_EVALUATIONS = 4096  # decoder evaluations per example of all layers' estimators together
 
@@ -57,10 +57,10 @@ class Layer(nn.Module):
                  activation_args: dict | None = None, prior: bool = True):
         super().__init__()
         self.latent = latent
-        self.encoder = Encoder(below.decoder_dim, hidden_dims, latent.param_shape, activation, activation_args)
+        self.encoder = MLP(below.decoder_dim, hidden_dims, latent.param_shape, activation, activation_args)
         if prior:
-            self.decoder = Encoder(latent.decoder_dim, list(reversed(hidden_dims)), below.param_shape, activation,
-                                   activation_args)
+            self.decoder = MLP(latent.decoder_dim, list(reversed(hidden_dims)), below.param_shape, activation,
+                               activation_args)
 
 
 class HardSample(Estimator):

@@ -196,13 +196,14 @@ def plain_data_problem(tree: Any, where: str) -> str | None:
 # with the latent's size, the optimizer and test_iwae_samples among its settings, and the
 # networks' weights at the top of the state dict.
 LEGACY_MODEL = "discrete_vae.model.CategoricalVAE"
-LEGACY_PREFIXES = ("encoder.", "decoder.")
+LEGACY_PREFIXES = ("encoder.", "decoder.", "vae.")  # the module's model, before it was `model`
 
 
 def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of the earlier layout brought, in place, to the current one: its config
-    (model -> latent, model, optimizer, test_iwae_samples) and its state-dict keys (encoder.* ->
-    vae.encoder.*). A checkpoint of the current layout is returned as it is."""
+    """A checkpoint of an earlier layout brought, in place, to the current one. The first layout:
+    its config (model -> latent, model, optimizer, test_iwae_samples) and its state-dict keys
+    (encoder.* -> model.encoder.*); the next: the LightningModule's model held as `vae` (vae.* ->
+    model.*). A checkpoint of the current layout is returned as it is."""
     cfg = checkpoint.get("config")
     if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and cfg["model"].get("_target_") == LEGACY_MODEL:
         model = dict(cfg["model"])
@@ -214,19 +215,27 @@ def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
         checkpoint["config"] = {**cfg, "latent": latent, "model": model, "optimizer": optimizer,
                                 "test_iwae_samples": test_iwae_samples}
     state = checkpoint.get("state_dict")
-    if isinstance(state, dict) and any(key.startswith(LEGACY_PREFIXES) for key in state):
-        checkpoint["state_dict"] = {f"vae.{key}" if key.startswith(LEGACY_PREFIXES) else key: value
-                                    for key, value in state.items()}
+    if isinstance(state, dict) and any(isinstance(k, str) and k.startswith(LEGACY_PREFIXES) for k in state):
+        checkpoint["state_dict"] = {renamed(key): value for key, value in state.items()}
     return checkpoint
+
+
+def renamed(key: Any) -> Any:
+    """A state-dict key of an earlier layout under its current name."""
+    if isinstance(key, str) and key.startswith(LEGACY_PREFIXES):
+        return "model." + key.removeprefix("vae.")
+    return key
 
 
 # The settings that decide the shapes of the saved state: a checkpoint only fits a model with the
 # same (the whole latent node: its type and every one of its settings).
 ARCHITECTURE_KEYS = ("model._target_", "model.input_dim", "model.hidden_dims", "model.activation",
-                     "model.activation_args", "model.upper_hidden_dims", "model.split", "latent", "upper_latents")
+                     "model.activation_args", "model.upper_hidden_dims", "model.split", "model.encoder",
+                     "model.decoder", "latent", "upper_latents")
 # what a key absent from an earlier checkpoint's config meant (it predates the key)
 ARCHITECTURE_DEFAULTS = {"model._target_": "discrete_vae.vae.VAE", "model.activation_args": {},
-                         "model.upper_hidden_dims": [], "upper_latents": []}
+                         "model.upper_hidden_dims": [], "upper_latents": [], "model.encoder": None,
+                         "model.decoder": None}
 
 
 def _get(tree: dict, dotted: str) -> Any:

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from discrete_vae import diagnostics
-from discrete_vae.build import build, build_vae, load_checkpoint
+from discrete_vae.build import build, build_model, load_checkpoint
 from discrete_vae.checks import ESTIMATOR_DIR, estimator_names
 from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.errors import ConfigError
@@ -30,11 +30,11 @@ from discrete_vae.vae import VAE
 def load_model(cfg: DictConfig, device: torch.device, splits: dict[str, torch.Tensor]) -> tuple[VAE, str]:
     """The checkpoint's VAE, or a fresh one initialised with `seed`; and a line describing it."""
     if cfg.ckpt_path:
-        model = load_checkpoint(cfg.ckpt_path, trusted_modules=list(cfg.trusted_modules))[0].vae
+        model = load_checkpoint(cfg.ckpt_path, trusted_modules=list(cfg.trusted_modules))[0].model
         weights = f"checkpoint {cfg.ckpt_path}"
     else:
         torch.manual_seed(cfg.seed)
-        model = build_vae(cfg)
+        model = build_model(cfg)
         if model.output_bias_pending:  # as training starts: the output bias from the training split
             model.init_output_bias(splits["train"])
         weights = f"fresh initialisation (seed {cfg.seed}, output bias {model.output_bias_init})"

@@ -30,7 +30,7 @@ from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.evaluation import iwae_bound
 from discrete_vae.lightning_private import logs_this_step
-from discrete_vae.vae import VAE
+from discrete_vae.chain import StochasticChain
 
 EVAL_SEED = 0  # the seed of the noise of every validation and test pass (with the batch's index)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set to 1 by Lightning at import
@@ -71,7 +71,7 @@ def image_grid(images: Tensor, nrow: int, pad: int = 2) -> Tensor:
 class VAEModule(L.LightningModule):
     def __init__(
         self,
-        vae: VAE,
+        model: StochasticChain,
         estimator: Estimator,
         optimizer: Callable | None = None,
         num_images: int = 8,
@@ -86,10 +86,10 @@ class VAEModule(L.LightningModule):
         super().__init__()
         require_number("test_iwae_samples", test_iwae_samples, integer=True, low=0, hint="0 turns test/nll_iwae off")
         require_number("val_iwae_samples", val_iwae_samples, integer=True, low=0, hint="0 turns val/nll_iwae off")
-        estimators = vae.layer_estimators(estimator)  # one per stochastic layer, each checked
+        estimators = model.layer_estimators(estimator)  # one per stochastic layer, each checked
         check_optimizer(optimizer)
-        self.save_hyperparameters(ignore=["vae", "estimator", "optimizer", "run_choices"])
-        self.vae = vae
+        self.save_hyperparameters(ignore=["model", "estimator", "optimizer", "run_choices"])
+        self.model = model  # a VAE or an SBN: a chain of stochastic layers (discrete_vae.chain)
         self.estimator = estimator  # the lowest layer's (the only one of a one-layer model)
         self.estimators_above = torch.nn.ModuleList(estimators[1:])  # copies for the layers above
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
@@ -115,11 +115,11 @@ class VAEModule(L.LightningModule):
             return
         train_images = getattr(self.trainer.datamodule, "train_images", None)
         images = train_images() if train_images is not None else None  # (rows, D)
-        if images is not None and images.shape[-1] != self.vae.input_dim:
+        if images is not None and images.shape[-1] != self.model.input_dim:
             width = images.shape[-1]
-            raise ConfigError(f"the training images have {width} pixels but model.input_dim={self.vae.input_dim}; "
+            raise ConfigError(f"the training images have {width} pixels but model.input_dim={self.model.input_dim}; "
                               f"set model.input_dim={width}")
-        if not self.vae.output_bias_pending:
+        if not self.model.output_bias_pending:
             return
         if images is None:
             raise ConfigError(
@@ -127,16 +127,16 @@ class VAEModule(L.LightningModule):
                 "(a train_images() method, as discrete_vae.data's datamodules have); "
                 "set model.output_bias_init=default to keep PyTorch's initialisation"
             )
-        self.vae.init_output_bias(images)
+        self.model.init_output_bias(images)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Before Lightning loads the state (resume, test): a checkpoint of an earlier layout is
         brought to this one (discrete_vae.checkpoints.upgrade), and the weights are trained ones."""
         upgrade(checkpoint)
-        self.vae.output_bias_pending = False
+        self.model.output_bias_pending = False
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        out = self.vae.objective(batch, self.estimators)
+        out = self.model.objective(batch, self.estimators)
         if logs_this_step(self.trainer):
             self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=batch.shape[0], prog_bar=True)
             self.log_dict(
@@ -187,18 +187,18 @@ class VAEModule(L.LightningModule):
         if batch_idx == 0:
             self._image_batch = batch[: self.num_images]
         generator = self._eval_generator(batch_idx, self.trainer.num_val_batches)
-        neg_elbo = self.vae.neg_elbo(batch, generator).mean()
+        neg_elbo = self.model.neg_elbo(batch, generator).mean()
         self.log("val/neg_elbo", neg_elbo, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
         if self.val_iwae_samples > 0:  # the m-sample bound, for a checkpoint rule that follows it
-            nll = iwae_bound(self.vae, batch, self.val_iwae_samples, generator=generator)
+            nll = iwae_bound(self.model, batch, self.val_iwae_samples, generator=generator)
             self.log("val/nll_iwae", nll.mean(), batch_size=batch.shape[0], sync_dist=True)
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         generator = self._eval_generator(batch_idx, self.trainer.num_test_batches)
-        neg_elbo = self.vae.neg_elbo(batch, generator).mean()
+        neg_elbo = self.model.neg_elbo(batch, generator).mean()
         self.log("test/neg_elbo", neg_elbo, batch_size=batch.shape[0], sync_dist=True)
         if self.test_iwae_samples > 0:  # the importance-weighted bound with m samples per image
-            nll = iwae_bound(self.vae, batch, self.test_iwae_samples, generator=generator)
+            nll = iwae_bound(self.model, batch, self.test_iwae_samples, generator=generator)
             self.log("test/nll_iwae", nll.mean(), batch_size=batch.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -210,12 +210,12 @@ class VAEModule(L.LightningModule):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             x = self._image_batch
-            recon = self.vae.reconstruct(x, generator=self._eval_generator(0, 1))
+            recon = self.model.reconstruct(x, generator=self._eval_generator(0, 1))
             side = math.isqrt(x.shape[-1])
             pairs = torch.cat([x, recon]).view(-1, 1, side, side)  # inputs in the first row
             logger.experiment.add_image("val/reconstructions", image_grid(pairs, nrow=len(x)), self.global_step)
-            if self.vae.has_prior:  # an SBN predicts the lower half: no unconditional samples
-                samples = self.vae.sample_images(64).view(-1, 1, side, side)
+            if self.model.has_prior:  # an SBN predicts the lower half: no unconditional samples
+                samples = self.model.sample_images(64).view(-1, 1, side, side)
                 logger.experiment.add_image("val/samples", image_grid(samples, nrow=8), self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,8 +1,9 @@
-"""The encoder and decoder MLPs of the VAE.
+"""The networks of the models: MLPs (encoders, decoders, the maps between stochastic layers) and a
+small convolutional encoder and decoder for 28x28 images, pluggable like every other part.
 
-Kept apart from the VAE's maths (discrete_vae.vae) and from the LightningModule, so that any
-latent type plugs in: the encoder ends in the latent type's `param_shape`, the decoder starts
-from its `decoder_dim`. Sizes follow Jang et al. 2017 (784-512-256-(N*K) encoder and its
+Kept apart from the models' maths (discrete_vae.vae, discrete_vae.sbn) and from the LightningModule,
+so that any latent type plugs in: an encoder ends in the latent type's `param_shape`, a decoder
+starts from its `decoder_dim` (a sample's width). Sizes follow Jang et al. 2017 (784-512-256-(N*K) encoder and its
 mirror image as decoder; ARM's static-MNIST models: none, the linear model, or 200-200 with
 LeakyReLU(0.3)).
 """
@@ -10,9 +11,10 @@ LeakyReLU(0.3)).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from discrete_vae.errors import ConfigError
@@ -54,27 +56,98 @@ def mlp(sizes: Sequence[int], activation: str, activation_args: Mapping[str, Any
     return nn.Sequential(*layers)
 
 
-class Encoder(nn.Module):
-    """x (B, D) -> the parameters of q(z|x), (B, *param_shape) (logits (B, N, K) for categorical z)."""
+class MLP(nn.Module):
+    """x (..., D_in) -> (..., *output_shape): linear layers of widths `hidden_dims` with `activation`
+    between them (none: one linear map). An encoder ends in a latent type's `param_shape`; a decoder
+    starts from a `decoder_dim` and ends in the pixels (output_shape (D,)); any leading dims."""
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], param_shape: Sequence[int], activation: str,
-                 activation_args: Mapping[str, Any] | None = None):
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_shape: Sequence[int] | int,
+                 activation: str = "ReLU", activation_args: Mapping[str, Any] | None = None):
         super().__init__()
-        self.shape = tuple(param_shape)
+        self.shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
         self.net = mlp([input_dim, *hidden_dims, math.prod(self.shape)], activation, activation_args)
 
+    @property
+    def output_bias(self) -> Tensor:
+        """The bias of the last layer, one per output (a decoder's per pixel: its data-mean initialisation)."""
+        return self.net[-1].bias
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).unflatten(-1, self.shape)  # (B, *param_shape)
+        return self.net(x).unflatten(-1, self.shape)  # (..., *output_shape)
 
 
-class Decoder(nn.Module):
-    """The decoder's input (..., D_z), the latent type's `decoder_input(z)` -> Bernoulli logits of
-    p(x|z), (..., D); any leading sample dims."""
+# -- pluggable networks ---------------------------------------------------------------------------
+# A model's `encoder` and `decoder` may be any nn.Module built by Hydra from a partial config
+# (conf/model/vae_conv.yaml): the model calls `encoder(input_dim=D, output_shape=param_shape)` and
+# `decoder(input_dim=decoder_dim, output_dim=D)`. A decoder with an `output_bias` of one value per
+# pixel gets the data-mean initialisation (model.output_bias_init=data_mean).
 
-    def __init__(self, input_dim: int, hidden_dims: Sequence[int], latent_dim: int, activation: str,
-                 activation_args: Mapping[str, Any] | None = None):
+
+def build_network(key: str, make: Callable[..., nn.Module], **sizes: Any) -> nn.Module:
+    """`make(**sizes)`, a network given by the config as a partial, refused in one line unless it builds
+    an nn.Module from those sizes."""
+    if not callable(make):
+        raise ConfigError(f"{key} must be a network's config with _partial_: true (conf/model/vae_conv.yaml), got {make!r}")
+    try:
+        network = make(**sizes)
+    except TypeError as error:
+        raise ConfigError(f"{key} could not be built with {', '.join(sizes)}: {error}") from None
+    if not isinstance(network, nn.Module):
+        raise ConfigError(f"{key} built a {type(network).__name__}, not a torch.nn.Module")
+    return network
+
+
+def _image_shape(image_shape: Sequence[int], input_dim: int, key: str) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or math.prod(shape) != input_dim or shape[1] % 4 or shape[2] % 4:
+        raise ConfigError(f"{key}.image_shape={list(shape)} must be [channels, height, width] with "
+                          f"channels x height x width = {input_dim} pixels, height and width multiples of 4")
+    return shape
+
+
+class ConvEncoder(nn.Module):
+    """Images (..., C*H*W) -> (..., *output_shape): two stride-2 4x4 convolutions (H/4 x W/4 maps of
+    `channels[1]`), then a linear map; for 28x28 MNIST, the small encoder of the VQ-VAE and
+    convolutional VAE examples (32 and 64 channels)."""
+
+    def __init__(self, input_dim: int, output_shape: Sequence[int], image_shape: Sequence[int] = (1, 28, 28),
+                 channels: Sequence[int] = (32, 64), activation: str = "ReLU"):
         super().__init__()
-        self.net = mlp([latent_dim, *reversed(hidden_dims), input_dim], activation, activation_args)
+        self.image = _image_shape(image_shape, input_dim, "model.encoder")
+        c, h, w = self.image
+        self.shape = tuple(output_shape)
+        self.net = nn.Sequential(
+            nn.Conv2d(c, channels[0], 4, stride=2, padding=1), make_activation(activation),
+            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1), make_activation(activation),
+            nn.Flatten(), nn.Linear(channels[1] * (h // 4) * (w // 4), math.prod(self.shape)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        out = self.net(x.reshape(-1, *self.image))  # (R, prod(output_shape))
+        return out.reshape(*lead, *self.shape)
+
+
+class ConvDecoder(nn.Module):
+    """(..., D_z) -> pixel logits (..., C*H*W): a linear map to H/4 x W/4 maps of `channels[0]`, two
+    stride-2 4x4 transposed convolutions, and a bias per pixel (`output_bias`, which the data-mean
+    initialisation sets)."""
+
+    def __init__(self, input_dim: int, output_dim: int, image_shape: Sequence[int] = (1, 28, 28),
+                 channels: Sequence[int] = (64, 32), activation: str = "ReLU"):
+        super().__init__()
+        self.image = _image_shape(image_shape, output_dim, "model.decoder")
+        c, h, w = self.image
+        self.start = (channels[0], h // 4, w // 4)
+        self.net = nn.Sequential(
+            nn.Linear(input_dim, math.prod(self.start)), make_activation(activation),
+            nn.Unflatten(-1, self.start),
+            nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1), make_activation(activation),
+            nn.ConvTranspose2d(channels[1], c, 4, stride=2, padding=1, bias=False), nn.Flatten(),
+        )
+        self.output_bias = nn.Parameter(torch.zeros(output_dim))
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)  # (..., D)
+        lead = h.shape[:-1]
+        out = self.net(h.reshape(-1, h.shape[-1]))  # (R, C*H*W)
+        return out.reshape(*lead, -1) + self.output_bias

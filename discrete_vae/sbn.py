@@ -18,7 +18,7 @@ it has no prior to sample images from (`has_prior = False`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from discrete_vae.chain import Layer, StochasticChain, expand_rows
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
-from discrete_vae.networks import Decoder, Encoder
-from discrete_vae.vae import MEAN_CLAMP, OUTPUT_BIAS_INITS
+from discrete_vae.networks import MLP, build_network
+from discrete_vae.vae import MEAN_CLAMP, OUTPUT_BIAS_INITS, set_output_bias
 
 
 class SBN(StochasticChain):
@@ -48,6 +48,8 @@ class SBN(StochasticChain):
         activation: str = "ReLU",
         activation_args: dict | None = None,
         output_bias_init: str = "default",
+        encoder: Callable[..., nn.Module] | None = None,  # None: MLPs of hidden_dims; else networks' partials (as the VAE's)
+        decoder: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         require_number("model.input_dim", input_dim, positive=True, integer=True)
@@ -60,13 +62,16 @@ class SBN(StochasticChain):
                 raise ConfigError(f"{key} must be a list of layer widths (or []), got {dims!r}")
         self.latent, self.input_dim, self.split = latent, int(input_dim), int(split)
         latents = [latent, *upper_latents]
-        self.encoder = Encoder(self.split, hidden_dims, latent.param_shape, activation, activation_args)  # p(h1 | x_upper)
+        self.encoder = build_network("model.encoder", encoder, input_dim=self.split, output_shape=latent.param_shape) \
+            if encoder is not None else MLP(self.split, hidden_dims, latent.param_shape, activation, activation_args)  # p(h1 | x_upper)
         self.upper = nn.ModuleList(
             Layer(above, below, upper_hidden_dims, activation, activation_args, prior=False)  # p(h_l | h_{l-1})
             for below, above in zip(latents[:-1], latents[1:])
         )
-        self.decoder = Decoder(input_dim - self.split, hidden_dims, latents[-1].decoder_dim, activation,
-                               activation_args)  # p(x_lower | hL)
+        lower = input_dim - self.split
+        self.decoder = build_network("model.decoder", decoder, input_dim=latents[-1].decoder_dim, output_dim=lower) \
+            if decoder is not None else MLP(latents[-1].decoder_dim, list(reversed(hidden_dims)), lower, activation,
+                                            activation_args)  # p(x_lower | hL)
         self.output_bias_init = output_bias_init
         self.output_bias_pending = output_bias_init == "data_mean"
 
@@ -132,10 +137,9 @@ class SBN(StochasticChain):
     def init_output_bias(self, train_images: Tensor) -> None:
         """The output bias at the logit of the training split's mean lower-half pixel (as the VAE's)."""
         mean = self.halves(train_images.float())[1].mean(0).clamp(MEAN_CLAMP, 1 - MEAN_CLAMP)
-        last = self.decoder.net[-1]
-        if mean.shape != last.bias.shape:
+        if train_images.shape[-1] != self.input_dim:
             raise ConfigError(f"the training images have {train_images.shape[-1]} pixels but model.input_dim={self.input_dim}")
-        last.bias.copy_(torch.logit(mean).to(last.bias))
+        set_output_bias(self.decoder, mean)
         self.output_bias_pending = False
 
 

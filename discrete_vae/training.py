@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 from discrete_vae import records
-from discrete_vae.build import build, build_model
+from discrete_vae.build import build, build_module
 from discrete_vae.callbacks import ProgressBar, ValidateAtLastStep
 from discrete_vae.checks import check_config, check_validation_interval, validation_metrics
 from discrete_vae.checkpoints import (
@@ -293,7 +293,7 @@ def check_temperature_settings(overrides: list[str]) -> None:
 
 def build_run_model(cfg: DictConfig, choices: dict[str, str]) -> VAEModule:
     """The run's LightningModule, with the resolved config and group choices it saves in checkpoints."""
-    return build_model(cfg, run_config=OmegaConf.to_container(cfg, resolve=True), run_choices=choices)
+    return build_module(cfg, run_config=OmegaConf.to_container(cfg, resolve=True), run_choices=choices)
 
 
 def _resume_from(cfg: DictConfig, output_dir: Path, resume: str) -> Path | None:

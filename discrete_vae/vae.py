@@ -17,7 +17,7 @@ layer is the chain of length one, by the same code.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from discrete_vae.chain import Layer, StochasticChain, chunk_size
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
-from discrete_vae.networks import Decoder, Encoder
+from discrete_vae.networks import MLP, build_network
 
 OUTPUT_BIAS_INITS = ("data_mean", "default")
 MAX_WEIGHTS = 10**9  # 4 GB of float32: a typo in a size, not a model to build
@@ -51,6 +51,8 @@ class VAE(StochasticChain):
         activation_args: dict | None = None,  # keyword arguments of the activation, e.g. {negative_slope: 0.3}
         upper_latents: Sequence[Latent] = (),  # stochastic layers above `latent`, lowest first
         upper_hidden_dims: Sequence[int] = (),  # the networks between stochastic layers ([]: linear)
+        encoder: Callable[..., nn.Module] | None = None,  # None: an MLP of hidden_dims; else a network's partial,
+        decoder: Callable[..., nn.Module] | None = None,  # called as encoder(input_dim=, output_shape=), decoder(input_dim=, output_dim=)
     ):
         super().__init__()
         if output_bias_init not in OUTPUT_BIAS_INITS:
@@ -77,8 +79,11 @@ class VAE(StochasticChain):
                               f"hidden {list(hidden_dims)}), over {MAX_WEIGHTS:.0e}; shrink the latent space or the layers")
         self.latent = latent
         self.input_dim = int(input_dim)
-        self.encoder = Encoder(input_dim, hidden_dims, latent.param_shape, activation, activation_args)
-        self.decoder = Decoder(input_dim, hidden_dims, latent.decoder_dim, activation, activation_args)
+        self.encoder = build_network("model.encoder", encoder, input_dim=input_dim, output_shape=latent.param_shape) \
+            if encoder is not None else MLP(input_dim, hidden_dims, latent.param_shape, activation, activation_args)
+        self.decoder = build_network("model.decoder", decoder, input_dim=latent.decoder_dim, output_dim=input_dim) \
+            if decoder is not None else MLP(latent.decoder_dim, list(reversed(hidden_dims)), input_dim, activation,
+                                            activation_args)
         self.upper = nn.ModuleList(
             Layer(above, below, upper_hidden_dims, activation, activation_args)
             for below, above in zip(latents[:-1], latents[1:])
@@ -222,10 +227,16 @@ class VAE(StochasticChain):
         logits saturate within some 20 steps and every image keeps one code.
         """
         mean = train_images.float().mean(0).clamp(MEAN_CLAMP, 1 - MEAN_CLAMP)  # (D,)
-        last = self.decoder.net[-1]
-        if mean.shape != last.bias.shape:
-            raise ConfigError(
-                f"the training images have {mean.numel()} pixels but model.input_dim={last.bias.numel()}"
-            )
-        last.bias.copy_(torch.logit(mean).to(last.bias))
+        set_output_bias(self.decoder, mean)
         self.output_bias_pending = False
+
+
+def set_output_bias(decoder: nn.Module, mean: Tensor) -> None:
+    """The decoder's bias per pixel (`output_bias`) set to the logit of the mean pixel `mean` (D,)."""
+    bias = getattr(decoder, "output_bias", None)
+    if not isinstance(bias, Tensor):
+        raise ConfigError(f"model.output_bias_init=data_mean needs a decoder with an output_bias (one value per "
+                          f"pixel); {type(decoder).__name__} has none: set model.output_bias_init=default")
+    if mean.shape != bias.shape:
+        raise ConfigError(f"the training images have {mean.numel()} pixels but model.input_dim={bias.numel()}")
+    bias.data.copy_(torch.logit(mean).to(bias))

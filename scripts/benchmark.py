@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from discrete_vae.build import build_model
+from discrete_vae.build import build_module
 from discrete_vae.devices import describe_device, resolve_device
 from discrete_vae.errors import ConfigError
 
@@ -34,7 +34,7 @@ def time_steps(model, x, steps: int, warmup: int) -> float:
             sync()
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        model.vae.objective(x, model.estimators).loss.backward()
+        model.model.objective(x, model.estimators).loss.backward()
         optimizer.step()
     sync()
     return (time.perf_counter() - start) / steps
@@ -65,9 +65,9 @@ def main() -> None:
                 instantiate(cfg.estimator).check(instantiate(cfg.latent))
             except ConfigError:
                 cfg = compose("train", overrides=[f"estimator={name}", "latent=bernoulli", *args.overrides])
-        model = build_model(cfg).to(device)
+        model = build_module(cfg).to(device)
         seconds = time_steps(model, x, args.steps, args.warmup)
-        print(f"| {name} | {model.vae.latent.describe()} | {1e3 * seconds:.2f} | {args.batch_size / seconds:,.0f} |")
+        print(f"| {name} | {model.model.latent.describe()} | {1e3 * seconds:.2f} | {args.batch_size / seconds:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
-from discrete_vae.build import build_model
+from discrete_vae.build import build_module
 from discrete_vae.cli import normalize_overrides
 from discrete_vae.devices import describe_device
 from discrete_vae.module import NVML_CHECK
@@ -60,7 +60,7 @@ def time_fit(cfg, output_dir: Path, epochs: int) -> tuple[float, int]:
 
 def time_lightning(cfg, datamodule, epochs: int) -> tuple[float, int]:
     """Seconds of a bare `trainer.fit` (Lightning's loop with nothing of ours around it), and the images."""
-    model = build_model(cfg)
+    model = build_module(cfg)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision, max_epochs=epochs,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -82,16 +82,16 @@ def plain_epoch_loop(model, train, val, epochs, optimizer, batches) -> None:
         model.train()
         for x in batches(train):
             optimizer.zero_grad(set_to_none=True)
-            model.vae.objective(x, model.estimators).loss.backward()
+            model.model.objective(x, model.estimators).loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
             for start in range(0, len(val), 1000):
-                model.vae.neg_elbo(val[start : start + 1000].float()).mean()
+                model.model.neg_elbo(val[start : start + 1000].float()).mean()
 
 
 def time_plain(cfg, device, splits, epochs: int) -> tuple[float, int]:
-    model = build_model(cfg).to(device)
+    model = build_module(cfg).to(device)
     train, val = splits["train"].to(device), splits["val"].to(device)
     B = cfg.data.batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr, fused=True)
@@ -117,7 +117,7 @@ def time_dataloader(cfg, device, splits, epochs: int) -> tuple[float, int]:
         def __getitem__(self, i):
             return self.data[i].float()
 
-    model = build_model(cfg).to(device)
+    model = build_module(cfg).to(device)
     train, val = splits["train"], splits["val"].to(device)
     loader = DataLoader(Images(train), batch_size=cfg.data.batch_size, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)

@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> dict:
 
     start = time.perf_counter()
     module, train_cfg = load_checkpoint(ckpt, map_location=device, trusted_modules=list(cfg.trusted_modules))
-    model = module.vae.to(device)
+    model = module.model.to(device)
     # the data of this machine, never the checkpoint's path: a checkpoint touches nothing outside its run
     data_cfg = OmegaConf.merge(train_cfg.data, {"root": cfg.data_root})
     images = build(data_cfg).load_splits()[cfg.split]  # (rows, D), on the CPU

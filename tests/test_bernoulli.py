@@ -17,7 +17,7 @@ from torch.distributions import kl_divergence
 from conftest import REPO, assert_mean_matches
 from discrete_vae import estimators as E
 from discrete_vae import sampling
-from discrete_vae.build import build_model
+from discrete_vae.build import build_module
 from discrete_vae.errors import ConfigError
 from discrete_vae.evaluation import exact_nll, sample_bounds
 from discrete_vae.latents import Bernoulli, Categorical
@@ -180,16 +180,16 @@ def test_a_bernoulli_vae_trains_its_learned_prior_and_is_evaluated_exactly():
     torch.manual_seed(0)
     cfg = compose_bernoulli("estimator=disarm", "latent.num_latents=4", "latent.prior=learned",
                             "model.hidden_dims=[16]")
-    model = build_model(cfg)
-    assert "vae.latent.prior_logits" in model.state_dict()  # trained and checkpointed with the model
+    model = build_module(cfg)
+    assert "model.latent.prior_logits" in model.state_dict()  # trained and checkpointed with the model
     x = (torch.rand(8, 784) < 0.2).float()
-    out = model.vae.objective(x, model.estimator)
+    out = model.model.objective(x, model.estimator)
     out.loss.backward()
-    assert model.vae.latent.prior_logits.grad is not None and torch.isfinite(out.loss)
-    assert all(p.grad is not None for p in model.vae.encoder.parameters())
+    assert model.model.latent.prior_logits.grad is not None and torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.model.encoder.parameters())
     with torch.no_grad():
-        nll = exact_nll(model.vae, x)  # 16 configurations
-        bounds = sample_bounds(model.vae, x, 2000, torch.Generator().manual_seed(0))
+        nll = exact_nll(model.model, x)  # 16 configurations
+        bounds = sample_bounds(model.model, x, 2000, torch.Generator().manual_seed(0))
     assert (bounds.neg_elbo >= nll - 1e-3).all() and (bounds.nll_iwae - nll).abs().max() < 0.5
-    uniform = build_model(compose_bernoulli("estimator=arm", "latent.num_latents=4", "model.hidden_dims=[16]"))
+    uniform = build_module(compose_bernoulli("estimator=arm", "latent.num_latents=4", "model.hidden_dims=[16]"))
     assert not any("prior_logits" in k for k in uniform.state_dict()), "a uniform prior has no state"

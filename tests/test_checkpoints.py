@@ -44,7 +44,7 @@ def legacy(checkpoint: dict) -> dict:
              "optimizer": cfg["optimizer"], "test_iwae_samples": cfg["test_iwae_samples"],
              "num_latents": cfg["latent"]["num_latents"], "num_categories": cfg["latent"]["num_categories"]}
     old = {k: v for k, v in cfg.items() if k not in ("latent", "optimizer", "test_iwae_samples", "num_images")}
-    state = {k.removeprefix("vae."): v for k, v in checkpoint["state_dict"].items()}
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     return {**checkpoint, "config": {**old, "model": model}, "state_dict": state}
 
 

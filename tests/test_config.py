@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import Estimator
-from discrete_vae.build import build_model
+from discrete_vae.build import build_module
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ESTIMATORS = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))
@@ -33,19 +33,19 @@ def test_estimator_config_composes_and_instantiates(name):
     if "has_binary_view" in estimator.needs:
         cfg = compose_train([f"estimator={name}", "latent=bernoulli"])  # a latent type that offers what it needs
     assert isinstance(estimator, Estimator)
-    model = build_model(cfg)
+    model = build_module(cfg)
     x = (torch.rand(3, 784) < 0.2).float()
-    out = model.vae.objective(x, model.estimator)
+    out = model.model.objective(x, model.estimator)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     out.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.vae.encoder.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.encoder.parameters())
     if estimator.has_temperature:
         assert estimator.tau.item() == pytest.approx(cfg.estimator.tau)
 
 
 def test_exact_with_the_default_model_fails_at_construction():
     with pytest.raises(ConfigError, match="max_configs"):
-        build_model(compose_train(["estimator=exact"]))
+        build_module(compose_train(["estimator=exact"]))
 
 
 def test_defaults_match_jang_2017():
@@ -64,9 +64,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_preset_builds_a_model_that_trains(name):
     """Each paper's preset composes, passes the start-up checks and gives a finite, differentiable loss."""
     cfg = compose_train([f"experiment={name}", "estimator=st"])
-    model = build_model(cfg)
+    model = build_module(cfg)
     x = (torch.rand(3, cfg.model.input_dim) < 0.2).float()
-    out = model.vae.objective(x, model.estimators)
+    out = model.model.objective(x, model.estimators)
     assert torch.isfinite(out.loss) and out.loss.requires_grad
     out.loss.backward()
 
@@ -74,7 +74,7 @@ def test_every_preset_builds_a_model_that_trains(name):
 def test_jang2017_bernoulli_is_the_papers_784_200_784():
     """Jang et al. 2017, Figure 4(a): 200 Bernoulli latents, linear maps both ways, a learned prior."""
     cfg = compose_train(["experiment=jang2017_bernoulli"])
-    linears = [m for m in build_model(cfg).vae.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in build_module(cfg).model.modules() if isinstance(m, torch.nn.Linear)]
     assert sorted((m.in_features, m.out_features) for m in linears) == [(200, 784), (784, 200)]
     assert cfg.latent.prior == "learned" and cfg.data.batch_size == 100
 

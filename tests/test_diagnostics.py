@@ -30,12 +30,12 @@ def batch(num=16, seed=0) -> torch.Tensor:
 
 
 def flat_encoder_grad(model, loss) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, D.encoder_parameters(model.vae))])
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, D.encoder_parameters(model.model))])
 
 
 def test_exact_against_the_exact_reference_has_no_bias_and_no_variance():
     model, x = tiny_model(), batch()
-    report = D.gradient_diagnostics(model.vae, x, E.Exact(), num_estimates=5, timing_repeats=1)
+    report = D.gradient_diagnostics(model.model, x, E.Exact(), num_estimates=5, timing_repeats=1)
     assert report.reference.kind == "exact" and report.reference.se == 0
     ref_norm = report.reference.grad.norm().item()
     assert ref_norm > 0.1
@@ -47,11 +47,11 @@ def test_exact_against_the_exact_reference_has_no_bias_and_no_variance():
 def test_statistics_match_a_direct_computation_from_the_estimates():
     """The streamed float64 sums give what torch computes from all M estimates at once."""
     model, x = tiny_model(), batch()
-    reference = D.reference_gradient(model.vae, x)
+    reference = D.reference_gradient(model.model, x)
     torch.manual_seed(0)
-    grads = torch.cat(list(D.iter_gradients(model.vae, x, E.RLOO(), 300, chunk_size=64))).double()  # (M, P)
+    grads = torch.cat(list(D.iter_gradients(model.model, x, E.RLOO(), 300, chunk_size=64))).double()  # (M, P)
     torch.manual_seed(0)
-    report = D.gradient_diagnostics(model.vae, x, E.RLOO(), 300, reference=reference, chunk_size=64, timing_repeats=0)
+    report = D.gradient_diagnostics(model.model, x, E.RLOO(), 300, reference=reference, chunk_size=64, timing_repeats=0)
     mean = grads.mean(0)
     torch.testing.assert_close(report.mean, mean)
     assert report.variance == pytest.approx(grads.var(0).sum().item(), rel=1e-9)
@@ -71,35 +71,35 @@ def test_each_estimate_is_the_gradient_training_takes(make):
     model, x = tiny_model(estimator), batch()
     estimator.eval()
     torch.manual_seed(3)
-    expected = flat_encoder_grad(model, model.vae.objective(x, model.estimator).loss)
+    expected = flat_encoder_grad(model, model.model.objective(x, model.estimator).loss)
     torch.manual_seed(3)
-    (got,) = D.iter_gradients(model.vae, x, estimator, 1, chunk_size=1)
+    (got,) = D.iter_gradients(model.model, x, estimator, 1, chunk_size=1)
     torch.testing.assert_close(got[0], expected)
 
 
 def test_unbiased_estimators_show_bias_within_se_and_biased_ones_do_not():
     model, x = tiny_model(), batch()
-    reference = D.reference_gradient(model.vae, x)
+    reference = D.reference_gradient(model.model, x)
     torch.manual_seed(1)
-    rloo = D.gradient_diagnostics(model.vae, x, E.RLOO(), 1000, reference=reference, timing_repeats=0)
+    rloo = D.gradient_diagnostics(model.model, x, E.RLOO(), 1000, reference=reference, timing_repeats=0)
     assert rloo.variance > 0 and rloo.bias <= 3 * rloo.bias_se, rloo
     assert rloo.cosine > 0.99
-    sf = D.gradient_diagnostics(model.vae, x, E.ScoreFunction(), 200, reference=reference, timing_repeats=0)
+    sf = D.gradient_diagnostics(model.model, x, E.ScoreFunction(), 200, reference=reference, timing_repeats=0)
     assert sf.variance > rloo.variance > 0  # no baseline yet: far noisier than RLOO
     assert sf.mse == pytest.approx(sf.variance * 199 / 200 + sf.bias**2, rel=1e-6)
-    st = D.gradient_diagnostics(model.vae, x, E.STGumbelSoftmax(), 500, reference=reference, timing_repeats=0)
+    st = D.gradient_diagnostics(model.model, x, E.STGumbelSoftmax(), 500, reference=reference, timing_repeats=0)
     assert st.bias > 5 * st.bias_se, st  # not vacuous: a biased estimator is flagged
 
 
 def test_rloo_reference_when_the_model_is_over_the_enumeration_budget():
     model, x = tiny_model(), batch()
-    exact = D.reference_gradient(model.vae, x).grad
+    exact = D.reference_gradient(model.model, x).grad
     torch.manual_seed(2)
-    reference = D.reference_gradient(model.vae, x, max_configs=4, num_estimates=500, num_samples=10)
+    reference = D.reference_gradient(model.model, x, max_configs=4, num_estimates=500, num_samples=10)
     assert reference.kind == "rloo" and reference.num_estimates == 500 and "SE" in reference.describe()
     assert 0 < reference.se < 0.1 * exact.norm()
     assert (reference.grad - exact).norm() <= 3 * reference.se
-    report = D.gradient_diagnostics(model.vae, x, E.STGumbelSoftmax(), 50, reference=reference, timing_repeats=0)
+    report = D.gradient_diagnostics(model.model, x, E.STGumbelSoftmax(), 50, reference=reference, timing_repeats=0)
     assert report.bias_se == pytest.approx(math.sqrt(report.variance / 50 + reference.se**2))
 
 
@@ -110,7 +110,7 @@ def test_diagnostics_leave_the_model_and_estimator_as_they_were():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for training in (True, False):
         estimator.train(training)
-        D.gradient_diagnostics(model.vae, x, estimator, 4, timing_repeats=1)
+        D.gradient_diagnostics(model.model, x, estimator, 4, timing_repeats=1)
         assert estimator.training is training and model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
@@ -119,7 +119,7 @@ def test_diagnostics_leave_the_model_and_estimator_as_they_were():
 def test_bad_settings_are_config_errors():
     model, x = tiny_model(), batch()
     with pytest.raises(ConfigError, match="num_estimates >= 2"):
-        D.gradient_diagnostics(model.vae, x, E.RLOO(), 1)
+        D.gradient_diagnostics(model.model, x, E.RLOO(), 1)
     with pytest.raises(ConfigError, match="every_n_steps"):
         GradientStats(every_n_steps=0)
 
@@ -225,7 +225,7 @@ def test_grad_stats_logs_the_diagnostics_of_the_weights_at_its_step(tmp_path):
     _, logdir = fit(tmp_path, [snapshot, stats], "snap")
     torch.set_rng_state(snapshot.rng)
     expected = D.gradient_diagnostics(
-        snapshot.model.vae, stats.batch, snapshot.model.estimator, 8, timing_repeats=0,
+        snapshot.model.model, stats.batch, snapshot.model.estimator, 8, timing_repeats=0,
         reference_options=stats.reference_options,
     )
     events = EventAccumulator(str(logdir)).Reload()

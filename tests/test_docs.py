@@ -71,9 +71,9 @@ def test_the_readmes_training_commands_pass_train_pys_checks(args, tmp_path, mon
         cfg = compose("train", overrides=normalize_overrides(overrides))
     check_config(cfg)
     if cfg.latent._target_.startswith("my_parts."):
-        from discrete_vae.build import build_model
+        from discrete_vae.build import build_module
 
-        build_model(cfg)  # the user's classes import, and the estimator takes the latent type
+        build_module(cfg)  # the user's classes import, and the estimator takes the latent type
 
 
 @pytest.mark.parametrize("args", readme_commands("evaluate.py"), ids=" ".join)

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, run_script
-from discrete_vae.build import build_model, load_checkpoint
+from discrete_vae.build import build_module, load_checkpoint
 from discrete_vae.checks import estimator_names
 from discrete_vae.errors import ConfigError, DataError
 
@@ -88,11 +88,11 @@ def test_each_estimator_trains_with_it_or_is_refused_by_capability(name, layout,
     cfg = compose_user(user_parts, [*SMALL, *LAYOUTS[layout], f"estimator={name}"])
     if name in REFUSED:
         with pytest.raises(ConfigError, match=rf"needs a latent type with .*\({REFUSED[name]}\); Ordinal"):
-            build_model(cfg)
+            build_module(cfg)
         return
     torch.manual_seed(0)
-    module = build_model(cfg)
-    chain = module.vae
+    module = build_module(cfg)
+    chain = module.model
     encoders = [chain.encoder, *(layer.encoder for layer in chain.upper)]
     before = [torch.cat([p.detach().flatten().clone() for p in e.parameters()]) for e in encoders]
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)

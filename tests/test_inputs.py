@@ -265,12 +265,12 @@ def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
 def test_model_and_estimator_settings_are_one_line(overrides, message):
     from hydra import compose, initialize_config_dir
 
-    from discrete_vae.build import build_model
+    from discrete_vae.build import build_module
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with pytest.raises(ConfigError, match=message):
-        build_model(cfg)
+        build_module(cfg)
 
 
 def test_half_precision_on_a_cpu_is_refused_not_quietly_replaced(monkeypatch):

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import REPO, tiny_module
-from discrete_vae.build import build_model
+from discrete_vae.build import build_module
 from discrete_vae.errors import ConfigError
 from discrete_vae.estimators import StraightThrough
 from discrete_vae.latents import Categorical
@@ -41,7 +41,7 @@ def train_briefly(cfg, steps: int):
     """`steps` optimizer steps of the configured model and schedule, without validation or files."""
     quiet_third_party()
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule, model = instantiate(cfg.data), build_model(cfg)
+    datamodule, model = instantiate(cfg.data), build_module(cfg)
     trainer = L.Trainer(
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
@@ -55,7 +55,7 @@ def train_briefly(cfg, steps: int):
 def codes_and_neg_elbo(module: VAEModule, datamodule) -> tuple[int, float, float]:
     """Distinct codes (argmax of q) over the validation images, their negative ELBO, and the
     negative ELBO of the single-code model (decoder = the training mean image, KL = N log K)."""
-    model, val = module.vae, datamodule.load_splits()["val"].float()
+    model, val = module.model, datamodule.load_splits()["val"].float()
     codes = len(torch.unique(model.encoder(val).argmax(-1), dim=0))
     neg_elbo = model.neg_elbo(val, generator=torch.Generator().manual_seed(0)).mean().item()
     mean = datamodule.load_splits()["train"].float().mean(0).expand_as(val)
@@ -68,22 +68,22 @@ def test_output_bias_is_the_logit_of_the_training_mean(data_root):
     cfg = small_exact("st", data_root)
     model, datamodule = train_briefly(cfg, steps=0)  # fit with no step: setup alone
     mean = datamodule.load_splits()["train"].float().mean(0)
-    bias = model.vae.decoder.net[-1].bias.detach()
+    bias = model.model.decoder.net[-1].bias.detach()
     assert torch.allclose(torch.sigmoid(bias), mean.clamp(1e-3, 1 - 1e-3), atol=1e-6)
     assert bias.min().item() == pytest.approx(math.log(1e-3 / (1 - 1e-3)), rel=1e-5)  # the always-0 corner pixels
-    assert not model.vae.output_bias_pending
+    assert not model.model.output_bias_pending
 
     before = bias.detach().clone()  # a second fit of the same model leaves the weights alone
     model.setup("fit")
-    assert torch.equal(model.vae.decoder.net[-1].bias, before)
+    assert torch.equal(model.model.decoder.net[-1].bias, before)
 
 
 def test_default_keeps_pytorch_initialisation(data_root):
     cfg = small_exact("st", data_root, "model.output_bias_init=default")
     L.seed_everything(cfg.seed, verbose=False)  # as train_briefly, before it builds the model
-    fresh = build_model(cfg).vae.decoder.net[-1].bias.detach().clone()
+    fresh = build_module(cfg).model.decoder.net[-1].bias.detach().clone()
     model, _ = train_briefly(cfg, steps=0)
-    assert torch.equal(model.vae.decoder.net[-1].bias.detach(), fresh)
+    assert torch.equal(model.model.decoder.net[-1].bias.detach(), fresh)
 
 
 def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
@@ -100,9 +100,9 @@ def test_a_bad_setting_and_a_datamodule_without_images_are_clear_errors():
 
 def test_a_loaded_checkpoint_keeps_its_bias(tmp_path):
     model = tiny_module(StraightThrough(), input_dim=4, hidden_dims=[5], output_bias_init="data_mean")
-    assert model.vae.output_bias_pending
+    assert model.model.output_bias_pending
     model.on_load_checkpoint({})
-    assert not model.vae.output_bias_pending
+    assert not model.model.output_bias_pending
 
 
 @pytest.mark.parametrize("estimator", [

@@ -106,9 +106,9 @@ def test_the_preset_trains_and_evaluates_through_the_scripts(data_root, tmp_path
     assert metrics["val/nll_iwae"] <= metrics["val/neg_elbo"] + 1
     assert 100 < metrics["test/neg_elbo"] < 400 and metrics["test/nll_iwae"] <= metrics["test/neg_elbo"] + 1
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["state_dict"]["vae.encoder.net.0.weight"].shape == (200, 392)
-    assert state["state_dict"]["vae.upper.0.encoder.net.0.weight"].shape == (200, 200)
-    assert state["state_dict"]["vae.decoder.net.0.weight"].shape == (392, 200)
+    assert state["state_dict"]["model.encoder.net.0.weight"].shape == (200, 392)
+    assert state["state_dict"]["model.upper.0.encoder.net.0.weight"].shape == (200, 200)
+    assert state["state_dict"]["model.decoder.net.0.weight"].shape == (392, 200)
 
 
 def test_the_best_checkpoint_can_follow_the_validation_bound(data_root, tmp_path):

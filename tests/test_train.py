@@ -73,7 +73,7 @@ def test_every_estimator_trains_and_logs(name, trained):
     checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and any(c.startswith("best") for c in checkpoints)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["config"]["seed"] == 2 and any(k.startswith("vae.encoder.") for k in state["state_dict"])
+    assert state["config"]["seed"] == 2 and any(k.startswith("model.encoder.") for k in state["state_dict"])
     assert ("estimator.tau" in state["state_dict"]) == has_tau
     if name in ("rebar", "relax"):  # learned by the variance gradient, checkpointed with their Adam state
         assert "estimator.log_tau" in state["state_dict"] and "estimator.scale" in state["state_dict"]

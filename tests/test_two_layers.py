@@ -142,7 +142,7 @@ def test_a_two_layer_run_trains_checkpoints_both_layers_and_resumes_exactly(data
     train([*args, f"hydra.run.dir={broken}"], data_root, tmp_path)
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resuming"
-    assert {"vae.upper.0.encoder.net.0.weight", "vae.upper.0.latent.prior_logits",
+    assert {"model.upper.0.encoder.net.0.weight", "model.upper.0.latent.prior_logits",
             "estimators_above.0.net.0.weight", "estimator.net.0.weight"} <= a.keys()
     assert a["estimators_above.0.net.0.weight"].shape == (137, 16) and a["estimator.net.0.weight"].shape == (137, 16)
 

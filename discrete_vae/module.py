@@ -1,4 +1,4 @@
-"""The LightningModule: a VAE (discrete_vae.vae) trained with one gradient estimator.
+"""The LightningModule: a model with discrete latents (a VAE or an SBN) trained with gradient estimators.
 
 It holds the model and the estimator (and, for the stochastic layers above the first, a copy of
 it each, with its own state) and does what Lightning needs and nothing else: seeding,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, train_in
 from discrete_vae.build import build_module, load_checkpoint
 from discrete_vae.checks import estimator_names
 from discrete_vae.errors import ConfigError, DataError
@@ -110,15 +110,14 @@ def test_each_estimator_trains_with_it_or_is_refused_by_capability(name, layout,
         assert not torch.equal(torch.cat([p.detach().flatten() for p in encoder.parameters()]), old), level
 
 
-def test_a_run_with_it_trains_and_its_checkpoint_is_evaluated_and_studied(user_parts, data_root, tmp_path):
-    """train.py, evaluate.py and gradient_study.py as a user runs them: the module on PYTHONPATH, the
-    YAML files on Hydra's search path, the module named in trusted_modules for the checkpoint."""
+def test_a_run_with_it_trains_and_its_checkpoint_is_evaluated_and_studied(user_parts, data_root, tmp_path,
+                                                                        monkeypatch):
+    """A run with the YAML files on Hydra's search path (train.py's own code, in this process), then
+    evaluate.py and gradient_study.py as a user runs them: the module on PYTHONPATH and named in
+    trusted_modules for the checkpoint."""
     run, env = tmp_path / "run", {"DISCRETE_VAE_DATA": str(data_root), "PYTHONPATH": str(user_parts)}
     search = f"hydra.searchpath=[file://{user_parts / 'conf'}]"
-    run_script("train.py", search, *LAYOUTS["lower"], *SMALL, "estimator=st_gumbel", "trainer.max_steps=6",
-               "trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "test_iwae_samples=0",
-               "trainer.enable_progress_bar=false", "logger=null", f"hydra.run.dir={run}", env=env)
-    record = json.loads((run / "metrics.json").read_text())
+    record = train_in(run, monkeypatch, search, *LAYOUTS["lower"], *SMALL, "estimator=st_gumbel")
     assert record["status"] == "finished" and record["steps"] == 6
     last = run / "checkpoints" / "last.ckpt"
     with pytest.raises(DataError, match="latent._target_='my_parts.Ordinal' is not a Latent of discrete_vae"):

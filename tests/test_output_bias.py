@@ -25,7 +25,7 @@ from discrete_vae.vae import VAE
 # steps with PyTorch's initialisation (exact did too, after 100 steps); measured when the
 # data-mean initialisation was added.
 COLLAPSE_SEED = 2
-STEPS = {"exact": 100, "sf": 600}  # exact: 100 decoder passes a step; sf: learns slowly (noisy)
+STEPS = {"exact": 100, "indecater": 100, "sf": 600}  # exact: 100 decoder passes a step, indecater 19; sf: learns slowly (noisy)
 DEFAULT_STEPS = 300
 
 

@@ -80,3 +80,9 @@ def test_the_readmes_training_commands_pass_train_pys_checks(args, tmp_path, mon
 def test_the_readmes_evaluation_commands_use_evaluate_pys_options(args):
     keys = {a.split("=", 1)[0] for a in args}
     assert "ckpt_path" in keys and keys <= known_keys("evaluate"), keys - known_keys("evaluate")
+
+
+@pytest.mark.parametrize("block", re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S))
+def test_the_readmes_python_runs_as_written(block):
+    """What a reader pastes runs: each python block of the README, in a namespace of its own."""
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

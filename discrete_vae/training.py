@@ -10,7 +10,6 @@ signal or a failure leaves behind.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os

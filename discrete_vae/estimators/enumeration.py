@@ -16,11 +16,11 @@ from discrete_vae.latents import Latent
 
 class Exact(Estimator):
     """Exact enumeration: E_q[f(z)] = sum over all configurations c of the latent type (K^N of
-    them for categorical latents) of q(c|x) f(c). Zero variance; its gradient is exact. Written
-    against the Latent interface (`enumerate`, `log_prob`): any latent type.
+    them for categorical latents) of q(c|x) f(c). Zero variance; its gradient is exact. Any latent
+    type with finite support (`enumerate`, `log_prob`).
 
-    Configurations are evaluated `chunk_size` at a time, each chunk under activation
-    checkpointing, so memory stays bounded by one chunk in the forward and the backward.
+    Configurations are evaluated `chunk_size` at a time, each chunk under activation checkpointing
+    when there is more than one, so memory stays bounded by one chunk in the forward and the backward.
     More configurations than `max_configs` are refused at start-up (`check`).
     """
 
@@ -61,9 +61,11 @@ class Exact(Estimator):
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
         self.check(latent)
         expected = logits.new_zeros(logits.shape[0])  # (B,)
+        # one chunk: its activations are needed by the backward anyway, and recomputing them would only cost time
+        recompute = torch.is_grad_enabled() and latent.num_configs > self.chunk_size
         for start in range(0, latent.num_configs, self.chunk_size):
             configs = latent.enumerate(start, start + self.chunk_size, device=logits.device, dtype=logits.dtype)
-            if torch.is_grad_enabled():  # configs (C, *param_shape)
+            if recompute:  # configs (C, *event_shape)
                 expected = expected + checkpoint(self._chunk, logits, configs, cost, latent, use_reentrant=False)
             else:
                 expected = expected + self._chunk(logits, configs, cost, latent)

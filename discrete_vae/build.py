@@ -1,5 +1,5 @@
-"""From a config to the objects of a run: the latent type, the VAE, the estimator, the optimizer
-and the LightningModule around them; and the same from a checkpoint's stored config.
+"""From a config to the objects of a run: the latent type, the model (a VAE or an SBN), the estimator,
+the optimizer and the LightningModule around them; and the same from a checkpoint's stored config.
 
 Each part is its config group's `_target_` (conf/latent, conf/model, conf/estimator, the
 `optimizer` node), so adding a latent type or an estimator is one class and one YAML file. A
@@ -34,7 +34,6 @@ from discrete_vae.errors import ConfigError, DataError, find_user_error
 from discrete_vae.estimators import Estimator
 from discrete_vae.latents import Latent
 from discrete_vae.module import VAEModule
-from discrete_vae.vae import VAE
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -86,9 +85,9 @@ def _unknown_argument(err: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def build_model(cfg: DictConfig) -> VAE:
-    """The VAE of `cfg.model` around the latent type of `cfg.latent`, and the stochastic layers of
-    `cfg.upper_latents` above it (a list of latent configs; absent or empty: one layer)."""
+def build_model(cfg: DictConfig) -> StochasticChain:
+    """The model of `cfg.model` (a VAE or an SBN) around the latent type of `cfg.latent`, and the
+    stochastic layers of `cfg.upper_latents` above it (a list of latent configs; absent or empty: one layer)."""
     upper = cfg.get("upper_latents") or []
     if not isinstance(upper, (list, ListConfig)):
         raise ConfigError(f"upper_latents must be a list of latent types (e.g. [{{_target_: "
@@ -98,7 +97,7 @@ def build_model(cfg: DictConfig) -> VAE:
 
 def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None,
                 run_choices: dict[str, str] | None = None) -> VAEModule:
-    """The LightningModule of a run: the VAE, the estimator (checked against the latent type), the
+    """The LightningModule of a run: the model, the estimator (checked against the latent types), the
     optimizer and the evaluation settings. `run_config` is saved in its checkpoints."""
     optimizer = build(cfg.optimizer) if cfg.get("optimizer") is not None else None
     return VAEModule(
@@ -159,14 +158,14 @@ def check_targets(config: dict[str, Any], trusted_modules: Sequence[str] = ()) -
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     trusted_modules: Sequence[str] = ()) -> tuple[VAEModule, DictConfig]:
-    """The module (its VAE and estimator, with the trained weights and buffers) and the training
+    """The module (its model and estimator, with the trained weights and buffers) and the training
     config of a checkpoint written by scripts/train.py. Its config builds only the project's own
     parts, and those of `trusted_modules` (`check_targets`)."""
     checkpoint = read_checkpoint(path, map_location)
     check_targets(checkpoint["config"], trusted_modules)
     cfg = OmegaConf.create(checkpoint["config"])
-    model = build_module(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
-    check_weights_fit(model, checkpoint["state_dict"], Path(path))
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)  # trained weights: a later fit keeps its output bias
-    return model, cfg
+    module = build_module(cfg, run_config=checkpoint["config"], run_choices=checkpoint.get("choices"))
+    check_weights_fit(module, checkpoint["state_dict"], Path(path))
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)  # trained weights: a later fit keeps its output bias
+    return module, cfg

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 
 from discrete_vae import sampling
+from discrete_vae.chain import StochasticChain
 from discrete_vae.checkpoints import upgrade
 from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.estimators import Estimator
 from discrete_vae.evaluation import iwae_bound
 from discrete_vae.lightning_private import logs_this_step
-from discrete_vae.chain import StochasticChain
 
 EVAL_SEED = 0  # the seed of the noise of every validation and test pass (with the batch's index)
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set to 1 by Lightning at import

@@ -52,8 +52,13 @@ class TemperatureAnnealing(L.Callback):
     def floor(self, estimator) -> float:
         return max(self.tau_min, estimator.tau_min or 0.0)
 
+    def rate_of(self, estimator) -> float:
+        """The schedule's rate, or the estimator's own where it has one (estimator=st_annealed)."""
+        return self.rate if getattr(estimator, "rate", None) is None else estimator.rate
+
     def temperature(self, step: int, estimator) -> float:
-        return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate, self.interval)
+        return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate_of(estimator),
+                                    self.interval)
 
     def _set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every stochastic layer's estimator; a host value filled in, no device sync
@@ -74,7 +79,7 @@ class TemperatureAnnealing(L.Callback):
             )
         self._set(trainer, pl_module)  # also right after a resume, at any step
         log.info("temperature: %g at step %d, annealed to %g (rate %g every %d steps)", float(estimator.tau),
-                 trainer.global_step, floor, self.rate, self.interval)
+                 trainer.global_step, floor, self.rate_of(estimator), self.interval)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         estimator = pl_module.estimator

@@ -19,10 +19,11 @@ def anneal(estimators, step: int, tau_min: float = 0.5, rate: float = 1e-4, inte
            tau_0: float | None = None) -> None:
     """Set the temperature of each estimator that has one (`has_temperature`) for training step `step`:
     `temperature_schedule` from `tau_0` (default: the estimator's configured tau) down to the larger of
-    `tau_min` and the estimator's own floor (ReinMax's 1.3). Call it before each step of your own loop;
-    estimators without a temperature are left alone."""
+    `tau_min` and the estimator's own floor (ReinMax's 1.3), at `rate` unless the estimator has a rate of
+    its own. Call it before each step of your own loop; estimators without a temperature are left alone."""
     for estimator in estimators if isinstance(estimators, Iterable) else [estimators]:
         if getattr(estimator, "has_temperature", False):
             start = float(tau_0 if tau_0 is not None else estimator.tau_0)
             floor = max(tau_min, estimator.tau_min or 0.0)
-            estimator.tau.fill_(temperature_schedule(step, start, floor, rate, interval))
+            own = getattr(estimator, "rate", None)  # an estimator annealed by definition brings its rate
+            estimator.tau.fill_(temperature_schedule(step, start, floor, rate if own is None else own, interval))

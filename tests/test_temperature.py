@@ -116,3 +116,24 @@ def test_anneal_sets_what_the_callback_sets_in_a_loop_of_ones_own():
     assert callback.temperature(5000, gumbel) == pytest.approx(float(gumbel.tau))
     anneal(gumbel, step=10**6)
     assert float(gumbel.tau) == 0.5
+
+
+def test_an_estimator_annealed_by_definition_keeps_its_rate_where_the_schedule_holds_tau():
+    """estimator=st_annealed (Jang et al.'s "Annealed ST") under a preset whose schedule has rate 0 (the
+    SBNs: tau fixed at 1): it anneals at its own rate, the others stay at their tau."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=jang2017_sbn", "estimator=st_annealed"])
+    annealed, fixed = instantiate(cfg.estimator), E.StraightThrough(tau=1.0)
+    callback = instantiate(cfg.callbacks.temperature)
+    assert callback.rate == 0.0 and isinstance(annealed, E.StraightThrough) and annealed.rate == 1e-4
+    assert callback.temperature(5000, annealed) == pytest.approx(math.exp(-0.5))
+    assert callback.temperature(5000, fixed) == 1.0
+    anneal([annealed, fixed], step=20_000, tau_min=0.5, rate=0.0)
+    assert float(annealed.tau) == 0.5 and float(fixed.tau) == 1.0
+    with pytest.raises(ConfigError, match="estimator.rate"):
+        E.StraightThrough(rate=-1.0)

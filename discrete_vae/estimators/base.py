@@ -87,16 +87,22 @@ def as_categories(logits: Tensor, cost: CostFn, latent: Latent) -> tuple[Tensor,
 class TemperatureEstimator(Estimator):
     """An estimator with a temperature `tau` (a buffer, so it is saved in checkpoints).
 
-    `tau_min`, if given, is a floor the annealing callback never goes below (ReinMax uses it).
+    `tau_min`, if given, is a floor the annealing never goes below (ReinMax uses it). `rate`, if
+    given, is the estimator's own annealing rate, used in place of the schedule's: an estimator that
+    is annealed by definition, as Jang et al. (2017)'s "Annealed ST" (conf/estimator/st_annealed.yaml),
+    is annealed even where a preset holds the others' temperature fixed (callbacks.temperature.rate=0).
     """
 
     has_temperature = True
 
-    def __init__(self, tau: float = 1.0, tau_min: float | None = None):
+    def __init__(self, tau: float = 1.0, tau_min: float | None = None, rate: float | None = None):
         super().__init__()
         require_number("estimator.tau", tau, positive=True, hint="for example estimator.tau=1.0")
         if tau_min is not None:
             require_number("estimator.tau_min", tau_min, positive=True, hint="a positive number or null")
+        if rate is not None:
+            require_number("estimator.rate", rate, low=0.0, hint="an annealing rate such as 1e-4, or null")
+        self.rate = rate
         self.register_buffer("tau", torch.tensor(float(tau)))  # the current tau, set by the annealing
         self.tau_0 = float(tau)  # the configured tau: where the annealing starts
         self.tau_min = tau_min

@@ -235,6 +235,9 @@ def test_each_papers_numbers_go_beside_its_own_experiment():
     assert _paper("gumbel", "jang2017") == "101.5 (Gumbel-S.)"
     assert _paper("gumbel", "jang2017_bernoulli") == "105.0 (Gumbel-S.)"
     assert _paper("st", "jang2017_bernoulli") == "116.0 (ST); 111.5 (Annealed ST)"
+    # the SBN presets hold tau at 1: there st is the paper's ST, and st_annealed its Annealed ST
+    assert _paper("st", "jang2017_sbn") == "58.9 (ST)" and _paper("st_annealed", "jang2017_sbn") == "58.7 (Annealed ST)"
+    assert _paper("st_annealed", "jang2017_sbn_categorical") == "61.1 (Annealed ST)"
     assert _paper("arm", "arm2019_linear") == "107.2 (ARM)" and _paper("arm", "arm2019_nonlinear") == "98.4 (ARM)"
     assert _paper("gumbel", "arm2019_nonlinear") == "99.6 (Concrete)"
     assert _paper("disarm", "arm2019_linear") == "—" and _paper("gumbel", "small_exact") == "—"

@@ -56,7 +56,7 @@ def test_every_estimator_trains_and_logs(name, trained):
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     expected = {"train/loss", "train/neg_elbo", "train/recon", "train/kl", "val/neg_elbo", "test/neg_elbo", "test/nll_iwae"}
     assert expected <= scalars, scalars
-    has_tau = name in {"gumbel", "st_gumbel", "st", "gumbel_rao", "reinmax", "gst"}
+    has_tau = name in {"gumbel", "st_gumbel", "st", "st_annealed", "gumbel_rao", "reinmax", "gst"}
     assert ("train/temperature" in scalars) == has_tau
     assert {"val/reconstructions", "val/samples"} <= images
     assert len(events.Scalars("train/loss")) == 4

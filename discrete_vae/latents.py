@@ -25,7 +25,9 @@ need of these (`Estimator.needs`) and are matched against them, never against a 
 - `has_categorical_view`: `categorical_view` / `from_categorical` / `categorical_shape`, the
   latents as categorical variables (ReinMax, GST, ZGR, IndeCateR); a bit is two categories;
 - `has_binary_view`: `binary_view` / `from_binary`, the latents as independent bits with logits
-  (the antithetic pairs of ARM and DisARM).
+  (the antithetic pairs of ARM and DisARM);
+- `has_mean`: `mean`, E_q[z] in the space of the samples, at which a cost can be evaluated and
+  differentiated (MuProp's Taylor expansion).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ CAPABILITIES = {
     "has_conditional_noise": "noise conditioned on the sample (conditional_perturb)",
     "has_categorical_view": "a categorical view (categorical_view, from_categorical)",
     "has_binary_view": "a binary view (binary_view, from_binary)",
+    "has_mean": "a mean E_q[z] that the cost can be evaluated at (mean)",
 }
 
 
@@ -64,6 +67,7 @@ class Latent(nn.Module):
     has_conditional_noise: bool = False
     has_categorical_view: bool = False
     has_binary_view: bool = False
+    has_mean: bool = False
 
     @property
     def param_shape(self) -> tuple[int, ...]:  # pragma: no cover - every type defines it
@@ -157,6 +161,10 @@ class Latent(nn.Module):
         """A one-hot sample of `categorical_view` as this type's z, gradients passed through.  # (..., N, K) -> (..., *event_shape)"""
         raise NotImplementedError
 
+    def mean(self, logits: Tensor) -> Tensor:  # pragma: no cover
+        """E_q[z], differentiable in the logits.  # (..., *param_shape) -> (..., *event_shape)"""
+        raise NotImplementedError
+
     def binary_view(self, logits: Tensor) -> Tensor:  # pragma: no cover
         """The latents' parameters as the logits of independent bits.  # (..., *param_shape) -> (..., N)"""
         raise NotImplementedError
@@ -181,7 +189,7 @@ class Categorical(Latent):
 
     name = "categorical"
     has_enumerate_support = has_relaxation = has_straight_through = has_conditional_noise = True
-    has_categorical_view = True
+    has_categorical_view = has_mean = True
 
     def __init__(self, num_latents: int = 20, num_categories: int = 10):
         super().__init__()
@@ -242,6 +250,9 @@ class Categorical(Latent):
     def from_categorical(self, one_hot: Tensor) -> Tensor:
         return one_hot
 
+    def mean(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, dim=-1)  # E[one-hot z] = the probabilities
+
     def describe(self, with_prior: bool = True) -> str:
         return f"N={self.num_latents} categorical latents of K={self.num_categories}"
 
@@ -258,7 +269,7 @@ class Bernoulli(Latent):
 
     name = "bernoulli"
     has_enumerate_support = has_relaxation = has_straight_through = has_conditional_noise = True
-    has_categorical_view = has_binary_view = True
+    has_categorical_view = has_binary_view = has_mean = True
     PRIORS = ("uniform", "learned")
 
     def __init__(self, num_latents: int = 200, prior: str = "uniform"):
@@ -335,6 +346,9 @@ class Bernoulli(Latent):
 
     def from_binary(self, bits: Tensor) -> Tensor:
         return bits
+
+    def mean(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
 
     def describe(self, with_prior: bool = True) -> str:
         return f"N={self.num_latents} Bernoulli latents" + (f" ({self.prior} prior)" if with_prior else "")

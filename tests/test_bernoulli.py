@@ -83,7 +83,7 @@ def test_samples_and_the_antithetic_pair_have_the_right_marginals():
     assert torch.equal(b, (u > torch.sigmoid(-logits)).float()) and torch.equal(b_tilde, (u < rate).float())
 
 
-@pytest.mark.parametrize("make", [E.ARM, E.DisARM, E.ScoreFunction, lambda: E.RLOO(4), E.Exact, E.IndeCateR])
+@pytest.mark.parametrize("make", [E.ARM, E.DisARM, E.ScoreFunction, lambda: E.RLOO(4), E.Exact, E.IndeCateR, E.MuProp])
 def test_the_unbiased_estimators_mean_is_the_exact_gradient(make):
     tiny = TinyBits()
     torch.manual_seed(0)

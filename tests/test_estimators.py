@@ -108,7 +108,7 @@ ESTIMATORS = {
     "sf": E.ScoreFunction(), "rloo": E.RLOO(4), "exact": E.Exact(), "gumbel": E.GumbelSoftmax(),
     "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
     "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
-    "arm": E.ARM(), "disarm": E.DisARM(), "rebar": E.REBAR(), "relax": E.RELAX(),
+    "arm": E.ARM(), "disarm": E.DisARM(), "rebar": E.REBAR(), "relax": E.RELAX(), "muprop": E.MuProp(),
 }
 
 
@@ -123,6 +123,7 @@ def test_capabilities_are_declared_as_class_attributes():
         "zgr": (False, False, (view,)), "indecater": (False, False, (view,)),
         "arm": (False, False, ("has_binary_view",)), "disarm": (False, False, ("has_binary_view",)),
         "rebar": (False, False, (relax, cond)), "relax": (False, False, (relax, cond)),  # tau learned, not annealed
+        "muprop": (False, False, ("has_mean",)),
     }
     assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
     # the two latent types offer everything but, for categories, a binary view
@@ -136,7 +137,7 @@ def test_decoder_evaluations_per_example_are_declared():
     evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
     assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
                            "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1,
-                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3}
+                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3, "muprop": 2}
     # what one call of the cost may hold, per example (the diagnostics' memory bound)
     assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
     assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16
@@ -204,3 +205,16 @@ def test_an_explicit_generator_makes_an_estimate_reproducible_and_leaves_the_glo
     torch.testing.assert_close(estimate(1), estimate(1), rtol=0, atol=0)
     if not estimator.deterministic:
         assert not torch.equal(estimate(1), estimate(2))
+
+
+def test_muprop_is_unbiased_and_its_taylor_control_variate_cuts_the_score_functions_variance(tiny):
+    """MuProp's mean is the exact gradient (categories; bits: tests/test_bernoulli.py), and at the same
+    samples its control variate leaves less variance than the score function without a baseline."""
+    torch.manual_seed(0)
+    grads = tiny.sample_grads(E.MuProp(), 200_000)
+    assert_mean_matches(grads, tiny.exact_grad(), z=5.0)
+    with pytest.raises(AssertionError):  # the bound rejects a wrong answer
+        assert_mean_matches(grads, tiny.exact_grad() + 0.05, z=5.0)
+    torch.manual_seed(0)
+    plain = tiny.sample_grads(E.ScoreFunction().eval(), 200_000)  # baseline 0 before any training step
+    assert grads.var(0).sum() < 0.5 * plain.var(0).sum(), (grads.var(0).sum(), plain.var(0).sum())

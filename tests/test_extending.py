@@ -59,9 +59,10 @@ LAYOUTS = {  # the user's type below a layer of bits (which offers every capabil
               "upper_latents=[{_target_:discrete_vae.latents.Bernoulli,num_latents:3}]"],
     "upper": ["latent=bernoulli", "latent.num_latents=3", f"upper_latents=[{ORDINAL}]"],
 }
-# what the Ordinal type lacks: noise given the sample (gumbel_rao, rebar, relax) and a binary view (arm, disarm)
+# what the Ordinal type lacks: noise given the sample (gumbel_rao, rebar, relax), a binary view (arm, disarm)
+# and a mean (muprop)
 REFUSED = {"gumbel_rao": "has_conditional_noise", "rebar": "has_conditional_noise", "relax": "has_conditional_noise",
-           "arm": "has_binary_view", "disarm": "has_binary_view"}
+           "arm": "has_binary_view", "disarm": "has_binary_view", "muprop": "has_mean"}
 
 
 def test_the_ordinal_type_is_a_distribution_with_its_own_event_shape(user_parts):

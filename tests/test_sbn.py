@@ -62,7 +62,8 @@ def test_the_exact_likelihood_is_the_brute_force_sum_and_the_bounds_lie_above_it
 
 
 @pytest.mark.parametrize("make", [E.ScoreFunction, lambda: E.RLOO(2), E.ARM, E.DisARM, E.REBAR, E.RELAX,
-                                  E.IndeCateR], ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater"])
+                                  E.IndeCateR, E.MuProp],
+                         ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater", "muprop"])
 def test_an_unbiased_estimator_is_unbiased_for_both_layers(make):
     model = tiny()
     params = [model.encoder.net[0].weight, model.upper[0].encoder.net[0].weight]

@@ -109,6 +109,7 @@ ESTIMATORS = {
     "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
     "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
     "arm": E.ARM(), "disarm": E.DisARM(), "rebar": E.REBAR(), "relax": E.RELAX(), "muprop": E.MuProp(),
+    "nvil": E.NVIL(),
 }
 
 
@@ -123,7 +124,7 @@ def test_capabilities_are_declared_as_class_attributes():
         "zgr": (False, False, (view,)), "indecater": (False, False, (view,)),
         "arm": (False, False, ("has_binary_view",)), "disarm": (False, False, ("has_binary_view",)),
         "rebar": (False, False, (relax, cond)), "relax": (False, False, (relax, cond)),  # tau learned, not annealed
-        "muprop": (False, False, ("has_mean",)),
+        "muprop": (False, False, ("has_mean",)), "nvil": (False, False, ()),
     }
     assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
     # the two latent types offer everything but, for categories, a binary view
@@ -137,7 +138,7 @@ def test_decoder_evaluations_per_example_are_declared():
     evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
     assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
                            "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1,
-                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3, "muprop": 2}
+                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3, "muprop": 2, "nvil": 1}
     # what one call of the cost may hold, per example (the diagnostics' memory bound)
     assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
     assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16
@@ -218,3 +219,30 @@ def test_muprop_is_unbiased_and_its_taylor_control_variate_cuts_the_score_functi
     torch.manual_seed(0)
     plain = tiny.sample_grads(E.ScoreFunction().eval(), 200_000)  # baseline 0 before any training step
     assert grads.var(0).sum() < 0.5 * plain.var(0).sum(), (grads.var(0).sum(), plain.var(0).sum())
+
+
+def test_nvil_is_unbiased_up_to_its_normalisation_and_trains_its_baseline(tiny):
+    """For given running statistics c and v, NVIL's estimate is the exact gradient divided by
+    max(1, sqrt(v)), whatever its baseline network says; in training mode c and v follow the batches
+    and the baseline network gets the gradient that fits it to f - c."""
+    nvil = E.NVIL().double()
+    nvil.check(tiny.latent)
+    nvil.eval()
+    nvil.centre.fill_(3.0)
+    nvil.variance.fill_(4.0)  # the signal is divided by 2
+    torch.manual_seed(0)
+    grads = tiny.sample_grads(nvil, 200_000)
+    assert_mean_matches(2.0 * grads, tiny.exact_grad(), z=5.0)
+    with pytest.raises(AssertionError):
+        assert_mean_matches(2.0 * grads, tiny.exact_grad() + 0.05, z=5.0)
+
+    fresh = E.NVIL().double()
+    fresh.check(tiny.latent)
+    fresh.train()
+    logits = tiny.logits.expand(256, -1, -1).clone().requires_grad_()
+    out = fresh(logits, tiny.cost, tiny.latent)
+    torch.testing.assert_close(out.loss.detach(), out.value.detach())  # the baseline's term is worth zero
+    out.loss.sum().backward()
+    assert fresh.centre > 0 and fresh.variance > 0  # the cost is positive and varies
+    bias = fresh.net[-1].bias.grad
+    assert bias is not None and bias.item() < 0  # its output moves up, towards f - c > 0

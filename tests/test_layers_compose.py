@@ -76,8 +76,8 @@ def test_exact_enumeration_of_both_layers_is_the_brute_force_elbo():
     torch.testing.assert_close(exact, chain.brute_force())
 
 
-@pytest.mark.parametrize("make", [E.ScoreFunction, lambda: E.RLOO(2), E.ARM, E.DisARM, E.REBAR, E.IndeCateR, E.MuProp],
-                         ids=["sf", "rloo", "arm", "disarm", "rebar", "indecater", "muprop"])
+@pytest.mark.parametrize("make", [E.ScoreFunction, lambda: E.RLOO(2), E.ARM, E.DisARM, E.REBAR, E.IndeCateR, E.MuProp,
+                                  E.NVIL], ids=["sf", "rloo", "arm", "disarm", "rebar", "indecater", "muprop", "nvil"])
 def test_an_unbiased_estimator_on_both_layers_is_unbiased_for_both(make):
     chain = TinyChain()
     exact = chain.grads([E.Exact(), E.Exact()], 1)

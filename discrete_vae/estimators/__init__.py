@@ -4,7 +4,7 @@
 - antithetic: `ARM`, `DisARM` (pairs of bits from one uniform draw);
 - relaxed: `GumbelSoftmax`, `STGumbelSoftmax`, `StraightThrough`, `GumbelRao`, `ReinMax`,
   `GappedStraightThrough`, `ZGR` (relaxations and straight-through);
-- control_variates: `REBAR`, `RELAX` (learned control variates);
+- control_variates: `NVIL`, `REBAR`, `RELAX` (learned baselines and control variates);
 - enumeration: `Exact`, `IndeCateR`.
 
 The contract and the capability check are in `base` (read its docstring first). Every estimator
@@ -18,7 +18,7 @@ works in any model, with no Lightning and no Hydra:
 
 from discrete_vae.estimators.antithetic import ARM, DisARM
 from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, TemperatureEstimator, as_categories
-from discrete_vae.estimators.control_variates import MAX_HIDDEN, REBAR, RELAX
+from discrete_vae.estimators.control_variates import MAX_HIDDEN, NVIL, REBAR, RELAX
 from discrete_vae.estimators.enumeration import Exact, IndeCateR
 from discrete_vae.estimators.relaxed import (
     ZGR,
@@ -32,7 +32,7 @@ from discrete_vae.estimators.relaxed import (
 from discrete_vae.estimators.score_function import RLOO, MuProp, ScoreFunction
 
 __all__ = [
-    "ARM", "MAX_HIDDEN", "MuProp", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
+    "ARM", "MAX_HIDDEN", "MuProp", "NVIL", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
     "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "ReinMax", "STGumbelSoftmax",
     "ScoreFunction", "StraightThrough", "TemperatureEstimator", "as_categories",
 ]

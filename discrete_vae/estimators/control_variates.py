@@ -1,7 +1,8 @@
-"""Learned control variates: REBAR and RELAX correct the score function with a relaxed,
-reparameterised control variate whose temperature, scale (and RELAX's network) are trained to
-minimise the estimate's variance while the model trains. They need a relaxation and the noise
-given the sample (`has_relaxation`, `has_conditional_noise`)."""
+"""Learned control variates: NVIL corrects the score function with an input-dependent baseline network
+trained alongside the model (it needs nothing of the latent type beyond the contract); REBAR and RELAX
+with a relaxed, reparameterised control variate whose temperature, scale (and RELAX's network) are
+trained to minimise the estimate's variance. These two need a relaxation and the noise given the
+sample (`has_relaxation`, `has_conditional_noise`)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,63 @@ class RELAX(REBAR):
         if self.net is None:
             self.check(latent)
         return super().forward(logits, cost, latent, generator)
+
+
+class NVIL(Estimator):
+    """NVIL (Mnih & Gregor 2014, "Neural Variational Inference and Learning in Belief Networks", Sec. 3.2
+    and 3.3, Alg. 1): the score function with the paper's three variance reductions,
+
+        s = (f(z) - b_psi(x) - c) / max(1, sqrt(v)),    grad = s grad log q(z|x),
+
+    - an input-dependent baseline b_psi(x): a network of one hidden layer of `hidden` tanh units (100),
+      fed the encoder's logits standing for x (detached: a fixed function of x at this step, so the
+      estimate stays unbiased), built at start-up (`check`) when the latent type's size is known;
+    - c and v, running averages (decay `momentum`, the paper's alpha = 0.8) of the batch mean and
+      variance of f - b_psi(x), which centre and normalise the learning signal;
+    - b_psi trained by the same signal, its gradient -s grad b_psi (descending the squared error
+      (f - c - b_psi)^2 / 2, scaled as the signal), injected as a term worth zero, so one backward and
+      one optimizer train it with the model, and it checkpoints with the run.
+
+    c and v move only in training mode, after each batch is seen and before it is used (the paper's
+    order). For given c and v the estimate is the exact gradient scaled by 1 / max(1, sqrt(v)).
+    """
+
+    def __init__(self, hidden: int = 100, momentum: float = 0.8):
+        super().__init__()
+        self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True, high=MAX_HIDDEN,
+                                         hint="the baseline network's width, 100 in the paper"))
+        self.momentum = float(require_number("estimator.momentum", momentum, low=0.0, high=0.999999,
+                                             hint="in [0, 1), the paper's alpha = 0.8"))
+        self.register_buffer("centre", torch.zeros(()))  # c
+        self.register_buffer("variance", torch.zeros(()))  # v
+        self.net: nn.Module | None = None
+
+    def check(self, latent: Latent) -> None:
+        super().check(latent)
+        width = math.prod(latent.param_shape)
+        if self.net is None or self.net[0].in_features != width:
+            net = nn.Sequential(nn.Linear(width, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
+            self.net = net.to(self.centre.device, self.centre.dtype)  # where the estimator already is
+
+    def baseline(self, logits: Tensor) -> Tensor:
+        """b_psi(x), from the encoder's logits standing for x.  # (B, *param_shape) -> (B,)"""
+        return self.net(logits.detach().flatten(1).to(self.net[0].weight.dtype)).squeeze(-1)
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        if self.net is None:
+            self.check(latent)
+        z = latent.sample(logits, generator=generator)  # (B, *event_shape)
+        f = cost(z)  # (B,)
+        b = self.baseline(logits)  # (B,), differentiable in psi
+        if self.training:
+            with torch.no_grad():
+                residual = (f - b).detach()
+                self.centre.mul_(self.momentum).add_((1 - self.momentum) * residual.mean())
+                spread = residual.var() if residual.numel() > 1 else torch.zeros_like(residual.sum())
+                self.variance.mul_(self.momentum).add_((1 - self.momentum) * spread)
+        scale = self.variance.sqrt().clamp_min(1.0)
+        signal = ((f.detach() - b.detach() - self.centre) / scale).detach()  # (B,)
+        log_q = latent.log_prob(logits, z)  # (B,)
+        fit = -signal * b  # its gradient: -s grad b_psi, the baseline's descent
+        loss = f + signal * (log_q - log_q.detach()) + (fit - fit.detach())  # worth f
+        return EstimatorOutput(loss, f)

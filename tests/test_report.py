@@ -238,6 +238,8 @@ def test_each_papers_numbers_go_beside_its_own_experiment():
     # the SBN presets hold tau at 1: there st is the paper's ST, and st_annealed its Annealed ST
     assert _paper("st", "jang2017_sbn") == "58.9 (ST)" and _paper("st_annealed", "jang2017_sbn") == "58.7 (Annealed ST)"
     assert _paper("st_annealed", "jang2017_sbn_categorical") == "61.1 (Annealed ST)"
+    assert _paper("muprop", "jang2017") == "107.0 (MuProp)" and _paper("nvil", "arm2019_linear") == "113.1 (NVIL)"
+    assert _paper("sf", "arm2019_linear") == "164.0 (REINFORCE)"
     assert _paper("arm", "arm2019_linear") == "107.2 (ARM)" and _paper("arm", "arm2019_nonlinear") == "98.4 (ARM)"
     assert _paper("gumbel", "arm2019_nonlinear") == "99.6 (Concrete)"
     assert _paper("disarm", "arm2019_linear") == "—" and _paper("gumbel", "small_exact") == "—"

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import yaml
 
 from discrete_vae import records
-from discrete_vae.errors import DataError
+from discrete_vae.errors import ConfigError, DataError
 from discrete_vae.records import DIVERGED, DONE, EARLIER_DIR, FAILED, FINISHED, METRICS_FILE, UNFINISHED
 
 # Overrides that never name a configuration: the seed and Hydra's own settings, plus the
@@ -519,6 +519,65 @@ def export(sweep_dir: Path, records_dir: Path, extra: dict | None = None) -> lis
 
 
 # -- docs/results.md ---------------------------------------------------------------------------
+LR_KEY = "optimizer.lr"
+BUDGET_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")  # a grid's reduced budget
+SELECTION_FILES = ("selection.md", "selection.json")
+
+
+def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
+    """The papers' protocol for a learning rate per estimator, from a grid sweep over optimizer.lr: for
+    each configuration (the overrides less the seed and the rate), the rate whose finished runs have
+    the lowest mean validation bound. The measure is `metric`, else val/nll_iwae where every run logged
+    it, else val/neg_elbo; a test number never chooses (a metric outside val/ is refused). Writes
+    selection.md and selection.json into the sweep, each row with the command that trains the chosen
+    rate at the preset's budget with 3 seeds (the grid's budget keys dropped)."""
+    if metric is not None and not str(metric).startswith("val/"):
+        raise ConfigError(f"--metric {metric}: a rate is chosen on validation numbers only; use val/neg_elbo or "
+                          f"val/nll_iwae")
+    runs = [r for r in find_runs(root) if r.status == FINISHED]
+    if not runs:
+        raise DataError(f"{root} holds no finished run to choose a learning rate from")
+    if metric is None:
+        metric = "val/nll_iwae" if all(r.metric("val/nll_iwae") is not None for r in runs) else "val/neg_elbo"
+    groups: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        rate = next((o.split("=", 1)[1] for o in run.overrides if _key(o) == LR_KEY), "(the config's)")
+        rest = sorted(o.lstrip("+") for o in run.naming_overrides() if _key(o) not in (LR_KEY, *ALWAYS_IGNORED))
+        groups.setdefault(",".join(rest), {}).setdefault(rate, []).append(run)
+    rows = []
+    for config, by_rate in sorted(groups.items()):
+        scores = {}
+        for rate, members in by_rate.items():
+            values = [v for r in members if (v := r.metric(metric)) is not None]
+            scores[rate] = (statistics.fmean(values) if values else None, len(values))
+        scored = {rate: s for rate, (s, _) in scores.items() if s is not None}
+        chosen = min(scored, key=scored.get) if scored else None
+        keep = [o for o in config.split(",") if o and _key(o) not in BUDGET_KEYS]
+        command = (f"python scripts/train.py -m {' '.join(keep)} {LR_KEY}={chosen} seed=1,2,3".replace("  ", " ")
+                   if chosen is not None else None)
+        rows.append({"config": config or "all", "metric": metric, "chosen": chosen, "command": command,
+                     "rates": {rate: {"mean": s, "runs": n} for rate, (s, n) in scores.items()}})
+    lines = [f"# Learning rates chosen on validation: `{md_text(root.name)}`", "",
+             f"Per configuration, the rate with the lowest mean {metric} over its finished runs "
+             f"(validation images only). Nats per image.", ""]
+    lines += md_head(["configuration", LR_KEY, "runs", metric, "chosen"])
+    for row in rows:
+        for rate, score in sorted(row["rates"].items(), key=lambda kv: _rate_order(kv[0])):
+            lines.append(md_row([row["config"], rate, score["runs"], fmt(score["mean"]),
+                                 "yes" if rate == row["chosen"] else ""]))
+    lines += ["", "Then, at the preset's budget:", "", "```bash", *[r["command"] for r in rows if r["command"]], "```"]
+    records.write_atomic(root / SELECTION_FILES[0], "\n".join(lines) + "\n")
+    records.write_json(root / SELECTION_FILES[1], {"sweep": root.name, "metric": metric, "configurations": rows})
+    return rows
+
+
+def _rate_order(rate: str) -> tuple[int, float, str]:
+    try:
+        return 0, float(rate), rate
+    except ValueError:
+        return 1, 0.0, rate
+
+
 class Paper(NamedTuple):
     """A published table beside one of our experiments: its column title, its numbers (nats), and
     the paper's rows beside each estimator of ours that implements them."""

@@ -3,10 +3,12 @@
     python scripts/report.py multirun/jang2017_cpu           # report.md, .csv, plots, into the sweep
     python scripts/report.py export multirun/jang2017_cpu docs/results/jang2017
     python scripts/report.py results                         # docs/results.md (and README) from docs/results/
+    python scripts/report.py select multirun/jang2017_lr     # a learning rate per estimator, on validation
 
 `export` copies each finished run's compact record (metrics.json with the evaluation of its
 best checkpoint, val_curve.csv); `results` rebuilds docs/results.md's tables and plots from
-those records alone.
+those records alone. `select` reads a grid sweep over optimizer.lr and chooses, per estimator (per
+configuration), the rate with the best validation bound, never a test number.
 """
 
 import argparse
@@ -23,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] not in ("export", "results", "sweep", "-h", "--help"):
+    if argv and argv[0] not in ("export", "results", "select", "sweep", "-h", "--help"):
         argv = ["sweep", *argv]  # the sweep report is the default
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     results.add_argument("records_root", type=Path, nargs="?", default=REPO / "docs" / "results")
     results.add_argument("--markdown", type=Path, nargs="+", default=[REPO / "docs" / "results.md", REPO / "README.md"],
                          help="files whose <!-- report:NAME --> blocks are rebuilt (default: docs/results.md, README.md)")
+    select = commands.add_parser("select", help="choose a learning rate per configuration of a grid sweep, on validation")
+    select.add_argument("multirun_dir", type=Path, help="a sweep over optimizer.lr (and estimators, seeds)")
+    select.add_argument("--metric", help="val/neg_elbo or val/nll_iwae (default: val/nll_iwae where every run has it)")
     args = parser.parse_args(argv)
     try:
         run(args)
@@ -65,6 +70,12 @@ def run(args: argparse.Namespace) -> None:
         extra = {key: value for key in ("machine", "commit") if (value := getattr(args, key))}
         written = report.export(args.multirun_dir.resolve(), args.records_dir, extra)
         print(f"{len(written)} records written under {args.records_dir}")
+    elif args.command == "select":
+        if not args.multirun_dir.is_dir():
+            raise DataError(f"{args.multirun_dir} is not a directory; pass the multirun directory of a learning-rate grid")
+        root = args.multirun_dir.resolve()
+        report.select_learning_rates(root, args.metric)
+        print((root / report.SELECTION_FILES[0]).read_text())
     else:
         summary = report.results(args.records_root, args.markdown)
         print(json.dumps({name: len(rows) for name, rows in summary.items()}), "configurations;",

@@ -283,3 +283,34 @@ def test_report_groups_runs_as_their_folders_are_named(tmp_path):
     rows = {row["config"]: row for row in csv.DictReader((root / "report.csv").open())}
     assert set(rows) == {"trainer.max_steps=100", "trainer.max_steps=200"}, set(rows)
     assert rows["trainer.max_steps=100"]["n_seeds"] == rows["trainer.max_steps=200"]["n_seeds"] == "2"
+
+
+def test_select_chooses_each_estimators_rate_on_validation_never_on_test(tmp_path):
+    """A grid over optimizer.lr at a reduced budget: per estimator, the rate with the lowest mean
+    validation bound is chosen, though the test numbers would pick another; the command for the chosen
+    rate drops the grid's budget; a test metric is refused."""
+    import yaml
+
+    root = tmp_path / "grid"
+    val = {("sf", "3e-4"): 110.0, ("sf", "1e-3"): 112.0, ("sf", "3e-3"): 115.0,
+           ("st", "3e-4"): 109.0, ("st", "1e-3"): 107.0, ("st", "3e-3"): 108.0}
+    for (estimator, rate), value in val.items():
+        for seed in (1, 2):
+            metrics = {"val/neg_elbo": value + seed, "test/neg_elbo": 300.0 - value}  # test ranks them the other way
+            folder = _job(root, estimator, seed, {"steps": 1000, "wall_time_s": 1.0, "status": "finished",
+                                                   "metrics": metrics},
+                          extra=[f"optimizer.lr={rate}", "trainer.max_steps=1000"])
+            (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+                {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["trainer.enable_progress_bar"]}}}}}))
+    result = _run(REPORT, "select", root, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = {row["config"]: row for row in json.loads((root / "selection.json").read_text())["configurations"]}
+    sf = next(row for config, row in chosen.items() if "estimator=sf" in config)
+    st = next(row for config, row in chosen.items() if "estimator=st" in config)
+    assert sf["chosen"] == "3e-4" and st["chosen"] == "1e-3" and sf["metric"] == "val/neg_elbo"
+    assert sf["rates"]["3e-4"] == {"mean": 111.5, "runs": 2}
+    assert "optimizer.lr=1e-3 seed=1,2,3" in st["command"] and "max_steps" not in st["command"]
+    assert "experiment=jang2017" in st["command"]
+    assert "| estimator=st" in result.stdout and "| yes |" in result.stdout
+    refused = _run(REPORT, "select", root, "--metric", "test/neg_elbo", cwd=tmp_path)
+    assert refused.returncode == 1 and "validation numbers only" in refused.stderr

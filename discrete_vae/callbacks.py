@@ -78,8 +78,11 @@ class TemperatureAnnealing(L.Callback):
                 f"or lower the floor (callbacks.temperature.tau_min, estimator.tau_min=null)."
             )
         self._set(trainer, pl_module)  # also right after a resume, at any step
-        log.info("temperature: %g at step %d, annealed to %g (rate %g every %d steps)", float(estimator.tau),
-                 trainer.global_step, floor, self.rate_of(estimator), self.interval)
+        if self.rate_of(estimator) == 0:  # a preset that holds tau (the SBNs)
+            log.info("temperature: held at %g", float(estimator.tau))
+        else:
+            log.info("temperature: %g at step %d, annealed to %g (rate %g every %d steps)", float(estimator.tau),
+                     trainer.global_step, floor, self.rate_of(estimator), self.interval)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         estimator = pl_module.estimator

@@ -22,7 +22,7 @@ from discrete_vae.checkpoints import best_checkpoint
 from discrete_vae.diagnostics import gradient_diagnostics
 from discrete_vae.errors import ConfigError, TrainingDiverged, require_budget, require_number
 from discrete_vae.lightning_private import logs_this_step
-from discrete_vae.temperature import anneal, temperature_schedule
+from discrete_vae.temperature import anneal, estimator_temperature, schedule_floor, schedule_rate, schedule_start
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,16 @@ class TemperatureAnnealing(L.Callback):
         self.tau_0, self.tau_min, self.rate, self.interval = tau_0, tau_min, rate, interval
 
     def start(self, estimator) -> float:
-        """tau at step 0: `tau_0` if given, else the estimator's configured tau."""
-        return float(self.tau_0 if self.tau_0 is not None else estimator.tau_0)
+        return schedule_start(estimator, self.tau_0)
 
     def floor(self, estimator) -> float:
-        return max(self.tau_min, estimator.tau_min or 0.0)
+        return schedule_floor(estimator, self.tau_min)
 
     def rate_of(self, estimator) -> float:
-        """The schedule's rate, or the estimator's own where it has one (estimator=st_annealed)."""
-        return self.rate if getattr(estimator, "rate", None) is None else estimator.rate
+        return schedule_rate(estimator, self.rate)
 
     def temperature(self, step: int, estimator) -> float:
-        return temperature_schedule(step, self.start(estimator), self.floor(estimator), self.rate_of(estimator),
-                                    self.interval)
+        return estimator_temperature(estimator, step, self.tau_min, self.rate, self.interval, self.tau_0)
 
     def _set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every stochastic layer's estimator; a host value filled in, no device sync

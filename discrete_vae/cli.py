@@ -45,17 +45,18 @@ def normalize_overrides(argv: Sequence[str], path_keys: Sequence[str] = ()) -> l
 FIRST_KEYS = ("estimator", "seed")  # what tells the runs of a typical sweep apart (the estimator bare)
 
 
+def override_pairs(overrides: Sequence[str]) -> dict[str, str]:
+    """`key=value` command-line overrides as {key: value}, `+`/`~` prefixes dropped (the last of a key wins)."""
+    return {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
+
+
 def run_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
     """A sweep job's folder name from its overrides: the estimator's name first, then the seed,
     then the other `key=value` pairs sorted, `+` prefixes dropped and `exclude` (paths, resources,
     cadences, quick-check limits: conf/train.yaml) left out,
     e.g. `st_gumbel,seed=2,trainer.max_epochs=5`. TensorBoard's run list shows the start of
     each name, so what differs between runs comes first."""
-    pairs = {}
-    for item in overrides:
-        key, _, value = str(item).lstrip("~+").partition("=")
-        if key not in exclude:
-            pairs[key] = value
+    pairs = {key: value for key, value in override_pairs(overrides).items() if key not in exclude}
     head = [pairs.pop(k) if k == "estimator" else f"{k}={pairs.pop(k)}" for k in FIRST_KEYS if k in pairs]
     return ",".join(head + [f"{k}={v}" for k, v in sorted(pairs.items())]) or "default"
 

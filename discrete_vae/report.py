@@ -553,7 +553,7 @@ def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
         scored = {rate: s for rate, (s, _) in scores.items() if s is not None}
         chosen = min(scored, key=scored.get) if scored else None
         keep = [o for o in config.split(",") if o and _key(o) not in BUDGET_KEYS]
-        command = (f"python scripts/train.py -m {' '.join(keep)} {LR_KEY}={chosen} seed=1,2,3".replace("  ", " ")
+        command = (" ".join(["python scripts/train.py -m", *keep, f"{LR_KEY}={chosen}", "seed=1,2,3"])
                    if chosen is not None else None)
         rows.append({"config": config or "all", "metric": metric, "chosen": chosen, "command": command,
                      "rates": {rate: {"mean": s, "runs": n} for rate, (s, n) in scores.items()}})

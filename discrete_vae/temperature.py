@@ -15,6 +15,28 @@ def temperature_schedule(step: int, tau_0: float, tau_min: float, rate: float, i
     return max(tau_min, tau_0 * math.exp(-rate * t))
 
 
+def schedule_start(estimator, tau_0: float | None = None) -> float:
+    """tau at step 0: `tau_0` if given, else the estimator's configured tau."""
+    return float(tau_0 if tau_0 is not None else estimator.tau_0)
+
+
+def schedule_floor(estimator, tau_min: float) -> float:
+    """The floor: `tau_min`, raised to the estimator's own (ReinMax's 1.3)."""
+    return max(tau_min, estimator.tau_min or 0.0)
+
+
+def schedule_rate(estimator, rate: float) -> float:
+    """`rate`, or the estimator's own where it has one (an estimator annealed by definition: st_annealed)."""
+    return rate if getattr(estimator, "rate", None) is None else estimator.rate
+
+
+def estimator_temperature(estimator, step: int, tau_min: float = 0.5, rate: float = 1e-4, interval: int = 1000,
+                          tau_0: float | None = None) -> float:
+    """The temperature of `estimator` at training step `step` under the schedule."""
+    return temperature_schedule(step, schedule_start(estimator, tau_0), schedule_floor(estimator, tau_min),
+                                schedule_rate(estimator, rate), interval)
+
+
 def anneal(estimators, step: int, tau_min: float = 0.5, rate: float = 1e-4, interval: int = 1000,
            tau_0: float | None = None) -> None:
     """Set the temperature of each estimator that has one (`has_temperature`) for training step `step`:
@@ -23,7 +45,4 @@ def anneal(estimators, step: int, tau_min: float = 0.5, rate: float = 1e-4, inte
     its own. Call it before each step of your own loop; estimators without a temperature are left alone."""
     for estimator in estimators if isinstance(estimators, Iterable) else [estimators]:
         if getattr(estimator, "has_temperature", False):
-            start = float(tau_0 if tau_0 is not None else estimator.tau_0)
-            floor = max(tau_min, estimator.tau_min or 0.0)
-            own = getattr(estimator, "rate", None)  # an estimator annealed by definition brings its rate
-            estimator.tau.fill_(temperature_schedule(step, start, floor, rate if own is None else own, interval))
+            estimator.tau.fill_(estimator_temperature(estimator, step, tau_min, rate, interval, tau_0))

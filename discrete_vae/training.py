@@ -37,6 +37,7 @@ from torch.utils.tensorboard.summary import hparams
 from discrete_vae import records
 from discrete_vae.build import build, build_module
 from discrete_vae.callbacks import ProgressBar, ValidateAtLastStep
+from discrete_vae.cli import override_pairs
 from discrete_vae.checks import check_config, check_validation_interval, validation_metrics
 from discrete_vae.checkpoints import (
     AtomicCheckpointIO, LatestCheckpoint, WallClock, best_checkpoint, check_checkpoint_fits, check_run_folder,
@@ -144,9 +145,7 @@ def differing_overrides(recorded, current: list[str]) -> str:
     (the record: 5)". Empty when they agree, or when the record holds no overrides list."""
     if not isinstance(recorded, list):
         return ""
-    def pairs(items):
-        return {k.lstrip("+~"): v for k, _, v in (str(o).partition("=") for o in items)}
-    before, now = pairs(recorded), pairs(current)
+    before, now = override_pairs(recorded), override_pairs(current)
     keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RERUN_FREE)
     return ", ".join(f"{k}={now.get(k, '(default)')} (the record: {before.get(k, '(default)')})" for k in keys)
 
@@ -275,7 +274,7 @@ def set_num_threads(cfg: DictConfig) -> None:
 def check_temperature_settings(overrides: list[str]) -> None:
     """`estimator.tau` and `callbacks.temperature.tau_0` both given, with different values, on the
     command line: two starts for one schedule. The user is asked to keep one."""
-    given = {key.lstrip("+~"): value for key, _, value in (str(o).partition("=") for o in overrides)}
+    given = override_pairs(overrides)
     tau, tau_0 = given.get("estimator.tau"), given.get("callbacks.temperature.tau_0")
     if tau is None or tau_0 in (None, "null"):
         return

@@ -137,3 +137,5 @@ def test_an_estimator_annealed_by_definition_keeps_its_rate_where_the_schedule_h
     assert float(annealed.tau) == 0.5 and float(fixed.tau) == 1.0
     with pytest.raises(ConfigError, match="estimator.rate"):
         E.StraightThrough(rate=-1.0)
+    # every estimator with a temperature can bring its own rate
+    assert E.GumbelRao(rate=1e-4).rate == E.ReinMax(rate=1e-4).rate == E.GappedStraightThrough(rate=1e-4).rate == 1e-4

@@ -101,6 +101,15 @@ class REBAR(Estimator):
 MAX_HIDDEN = 16_384  # RELAX's network width: 137 in the papers; a checkpoint's 10^12 would exhaust memory
 
 
+def fitted_network(net: nn.Module | None, width: int, hidden: int, activation: nn.Module, like: Tensor) -> nn.Module:
+    """`net` if it takes `width` inputs, else a new one: width -> `hidden` units (`activation`) -> 1, on the
+    device and dtype of `like` (where the estimator already is). RELAX's control network and NVIL's
+    baseline are built so at start-up, when the latent type's size is known."""
+    if net is not None and net[0].in_features == width:
+        return net
+    return nn.Sequential(nn.Linear(width, hidden), activation, nn.Linear(hidden, 1)).to(like.device, like.dtype)
+
+
 class RELAX(REBAR):
     """RELAX (Grathwohl, Choi, Wu, Roeder & Duvenaud 2018, Eq. 6 and Alg. 2 for discrete b): REBAR's
     estimator with the control variate made free-form,
@@ -123,10 +132,8 @@ class RELAX(REBAR):
     def check(self, latent: Latent) -> None:
         super().check(latent)
         width = 2 * math.prod(latent.param_shape)  # [logits, z]
-        if self.net is None or self.net[0].in_features != width:
-            net = nn.Sequential(nn.Linear(width, self.hidden), nn.LeakyReLU(0.3), nn.Linear(self.hidden, 1))
-            self.net = net.to(self.scale.device, self.scale.dtype)  # where the estimator already is
-            self.net.requires_grad_(self.scale.requires_grad)
+        self.net = fitted_network(self.net, width, self.hidden, nn.LeakyReLU(0.3), self.scale)
+        self.net.requires_grad_(self.scale.requires_grad)
 
     def control(self, f_soft: Tensor, z: Tensor, context: Tensor) -> Tensor:
         """c(z) = eta [f(sigma_lambda(z)) + r_rho(logits, z)].  # (B,)"""
@@ -170,10 +177,7 @@ class NVIL(Estimator):
 
     def check(self, latent: Latent) -> None:
         super().check(latent)
-        width = math.prod(latent.param_shape)
-        if self.net is None or self.net[0].in_features != width:
-            net = nn.Sequential(nn.Linear(width, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
-            self.net = net.to(self.centre.device, self.centre.dtype)  # where the estimator already is
+        self.net = fitted_network(self.net, math.prod(latent.param_shape), self.hidden, nn.Tanh(), self.centre)
 
     def baseline(self, logits: Tensor) -> Tensor:
         """b_psi(x), from the encoder's logits standing for x.  # (B, *param_shape) -> (B,)"""
@@ -187,7 +191,7 @@ class NVIL(Estimator):
         b = self.baseline(logits)  # (B,), differentiable in psi
         if self.training:
             with torch.no_grad():
-                residual = (f - b).detach()
+                residual = f - b
                 self.centre.mul_(self.momentum).add_((1 - self.momentum) * residual.mean())
                 spread = residual.var() if residual.numel() > 1 else torch.zeros_like(residual.sum())
                 self.variance.mul_(self.momentum).add_((1 - self.momentum) * spread)

@@ -69,8 +69,8 @@ class GumbelRao(TemperatureEstimator):
 
     needs = ("has_relaxation", "has_conditional_noise")
 
-    def __init__(self, tau: float = 1.0, num_mc: int = 10, tau_min: float | None = None):
-        super().__init__(tau, tau_min)
+    def __init__(self, tau: float = 1.0, num_mc: int = 10, tau_min: float | None = None, rate: float | None = None):
+        super().__init__(tau, tau_min, rate)
         require_number("estimator.num_mc", num_mc, positive=True, integer=True)
         self.num_mc = int(num_mc)
 
@@ -99,8 +99,8 @@ class ReinMax(TemperatureEstimator):
 
     needs = ("has_categorical_view",)
 
-    def __init__(self, tau: float = 1.3, tau_min: float | None = 1.3):
-        super().__init__(tau, tau_min)
+    def __init__(self, tau: float = 1.3, tau_min: float | None = 1.3, rate: float | None = None):
+        super().__init__(tau, tau_min, rate)
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
         logits, cost = as_categories(logits, cost, latent)
@@ -131,8 +131,8 @@ class GappedStraightThrough(TemperatureEstimator):
 
     needs = ("has_categorical_view",)
 
-    def __init__(self, tau: float = 1.0, gap: float = 1.0, tau_min: float | None = None):
-        super().__init__(tau, tau_min)
+    def __init__(self, tau: float = 1.0, gap: float = 1.0, tau_min: float | None = None, rate: float | None = None):
+        super().__init__(tau, tau_min, rate)
         self.gap = float(require_number("estimator.gap", gap, low=0.0, hint="the paper's kappa, 1.0"))
 
     def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:

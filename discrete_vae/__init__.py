@@ -21,7 +21,7 @@ from discrete_vae.errors import ConfigError, DataError, UserError
 
 register_resolvers()  # ${run_name:...} in conf/train.yaml, wherever a sweep job is resolved
 
-ESTIMATORS = ("ARM", "DisARM", "Exact", "MuProp", "NVIL", "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "REBAR",
+ESTIMATORS = ("ARM", "DARN", "DisARM", "Exact", "MuProp", "NVIL", "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "REBAR",
               "RELAX", "RLOO", "ReinMax", "STGumbelSoftmax", "ScoreFunction", "StraightThrough", "ZGR",
               "Estimator", "EstimatorOutput", "TemperatureEstimator")
 LATENTS = ("Latent", "Categorical", "Bernoulli", "CAPABILITIES")

@@ -593,7 +593,7 @@ class Paper(NamedTuple):
 # its ST; the SBN presets keep tau = 1, so there our st is its ST and st_annealed its annealed ST.
 JANG_ESTIMATORS = ("SF", "DARN", "MuProp", "ST", "Annealed ST", "Gumbel-S.", "ST Gumbel-S.")
 JANG_ROWS = {"sf": ("SF",), "st": ("ST", "Annealed ST"), "gumbel": ("Gumbel-S.",), "st_gumbel": ("ST Gumbel-S.",),
-             "muprop": ("MuProp",)}
+             "muprop": ("MuProp",), "darn": ("DARN",)}
 SBN_ROWS = {**JANG_ROWS, "st": ("ST",), "st_annealed": ("Annealed ST",)}
 JANG_TABLE1 = {  # Table 1's rows, in the paper's order: (our experiment, the paper's numbers)
     "SBN (Bern.)": ("jang2017_sbn", (72.0, 59.7, 58.9, 58.9, 58.7, 58.5, 59.3)),

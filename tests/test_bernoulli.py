@@ -94,6 +94,33 @@ def test_the_unbiased_estimators_mean_is_the_exact_gradient(make):
             assert_mean_matches(samples, tiny.exact_grad() + 0.05)
 
 
+class QuadraticBits(TinyBits):
+    """TinyBits with a quadratic cost f(b) = b^T A b + w^T b, A with cross terms between bits."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.A = torch.randn(self.N, self.N, generator=g, dtype=torch.float64)
+        self.w = torch.randn(self.N, generator=g, dtype=torch.float64)
+
+    def cost(self, z: torch.Tensor) -> torch.Tensor:  # (..., N) -> (...)
+        return ((z @ self.A) * z).sum(-1) + z @ self.w
+
+
+def test_darn_on_bits_is_exact_in_expectation_for_a_quadratic_cost():
+    """Gregor et al.'s learning signal f'(b)_n (b_n - 1/2), one per bit, has the exact gradient as its
+    mean when f is quadratic; expanded to the probabilities instead of 1/2 it has not."""
+    tiny = QuadraticBits()
+    assert not torch.allclose(torch.sigmoid(tiny.logits), torch.full((tiny.N,), 0.5, dtype=torch.float64), atol=0.05)
+    torch.manual_seed(0)
+    samples = tiny.sample_grads(E.DARN(), 40_000)
+    assert_mean_matches(samples, tiny.exact_grad())
+    with pytest.raises(AssertionError):  # the bound rejects a wrong answer
+        assert_mean_matches(samples, tiny.exact_grad() + 0.05)
+    with pytest.raises(AssertionError):
+        assert_mean_matches(tiny.sample_grads(E.DARN("mean"), 40_000), tiny.exact_grad())
+
+
 def test_disarm_has_less_variance_than_arm_at_equal_decoder_evaluations():
     tiny = TinyBits()
     arm, disarm = E.ARM(), E.DisARM()

@@ -109,7 +109,7 @@ ESTIMATORS = {
     "st_gumbel": E.STGumbelSoftmax(), "st": E.StraightThrough(), "gumbel_rao": E.GumbelRao(),
     "reinmax": E.ReinMax(), "gst": E.GappedStraightThrough(), "zgr": E.ZGR(), "indecater": E.IndeCateR(),
     "arm": E.ARM(), "disarm": E.DisARM(), "rebar": E.REBAR(), "relax": E.RELAX(), "muprop": E.MuProp(),
-    "nvil": E.NVIL(),
+    "nvil": E.NVIL(), "darn": E.DARN(),
 }
 
 
@@ -124,7 +124,7 @@ def test_capabilities_are_declared_as_class_attributes():
         "zgr": (False, False, (view,)), "indecater": (False, False, (view,)),
         "arm": (False, False, ("has_binary_view",)), "disarm": (False, False, ("has_binary_view",)),
         "rebar": (False, False, (relax, cond)), "relax": (False, False, (relax, cond)),  # tau learned, not annealed
-        "muprop": (False, False, ("has_mean",)), "nvil": (False, False, ()),
+        "muprop": (False, False, ("has_mean",)), "nvil": (False, False, ()), "darn": (False, False, (view,)),
     }
     assert all(isinstance(e.tau, torch.Tensor) for e in ESTIMATORS.values() if e.has_temperature)
     # the two latent types offer everything but, for categories, a binary view
@@ -138,7 +138,7 @@ def test_decoder_evaluations_per_example_are_declared():
     evaluations = {name: e.decoder_evaluations(latent) for name, e in ESTIMATORS.items()}
     assert evaluations == {"sf": 1, "rloo": 4, "exact": 10**20, "gumbel": 1, "st_gumbel": 1, "st": 1,
                            "gumbel_rao": 1, "reinmax": 1, "gst": 1, "zgr": 1, "indecater": 20 * 9 + 1,
-                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3, "muprop": 2, "nvil": 1}
+                           "arm": 2, "disarm": 2, "rebar": 3, "relax": 3, "muprop": 2, "nvil": 1, "darn": 1}
     # what one call of the cost may hold, per example (the diagnostics' memory bound)
     assert E.Exact(chunk_size=256).decoder_rows(Categorical(2, 10)) == 100
     assert E.Exact(chunk_size=16).decoder_rows(Categorical(2, 10)) == 16
@@ -246,3 +246,28 @@ def test_nvil_is_unbiased_up_to_its_normalisation_and_trains_its_baseline(tiny):
     assert fresh.centre > 0 and fresh.variance > 0  # the cost is positive and varies
     bias = fresh.net[-1].bias.grad
     assert bias is not None and bias.item() < 0  # its output moves up, towards f - c > 0
+
+
+@pytest.mark.parametrize("point", ["centre", "mean"])
+def test_darn_is_exact_in_expectation_for_a_linear_cost_and_biased_beyond_it(tiny, point):
+    """DARN drops its Taylor expansion's correction term: its mean is the exact gradient when the cost
+    is linear in z (at either expansion point), not for the tiny problem's decoder."""
+    weights = torch.randn(tiny.N, tiny.K, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits = tiny.logits.clone().requires_grad_()
+    (exact_linear,) = torch.autograd.grad((torch.softmax(logits, -1) * weights).sum(), logits)
+    rows = tiny.logits.expand(100_000, tiny.N, tiny.K).clone().requires_grad_()
+    torch.manual_seed(0)
+    out = E.DARN(point)(rows, lambda z: (z * weights).sum((-2, -1)), tiny.latent)
+    torch.testing.assert_close(out.loss, out.value)  # worth the cost: the surrogate term is zero
+    (grads,) = torch.autograd.grad(out.loss.sum(), rows)
+    assert_mean_matches(grads, exact_linear, z=5.0)
+    with pytest.raises(AssertionError):  # the bound rejects a wrong answer
+        assert_mean_matches(grads, exact_linear + 0.05, z=5.0)
+    torch.manual_seed(0)
+    with pytest.raises(AssertionError):  # biased for a cost that is not linear
+        assert_mean_matches(tiny.sample_grads(E.DARN(point), 100_000), tiny.exact_grad(), z=5.0)
+
+
+def test_darn_refuses_an_unknown_expansion_point():
+    with pytest.raises(ConfigError, match="estimator.point must be one of centre, mean for darn, got 'middle'"):
+        E.DARN("middle")

@@ -1,6 +1,7 @@
 """Gradient estimators for E_{q(z|x)}[f(z)], one small class each, by family (one file each):
 
-- score_function: `ScoreFunction` (REINFORCE with an EMA baseline), `RLOO` (leave-one-out), `MuProp`;
+- score_function: `ScoreFunction` (REINFORCE with an EMA baseline), `RLOO` (leave-one-out), `MuProp`,
+  `DARN`;
 - antithetic: `ARM`, `DisARM` (pairs of bits from one uniform draw);
 - relaxed: `GumbelSoftmax`, `STGumbelSoftmax`, `StraightThrough`, `GumbelRao`, `ReinMax`,
   `GappedStraightThrough`, `ZGR` (relaxations and straight-through);
@@ -29,10 +30,10 @@ from discrete_vae.estimators.relaxed import (
     STGumbelSoftmax,
     StraightThrough,
 )
-from discrete_vae.estimators.score_function import RLOO, MuProp, ScoreFunction
+from discrete_vae.estimators.score_function import DARN, RLOO, MuProp, ScoreFunction
 
 __all__ = [
-    "ARM", "MAX_HIDDEN", "MuProp", "NVIL", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
+    "ARM", "DARN", "MAX_HIDDEN", "MuProp", "NVIL", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
     "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "ReinMax", "STGumbelSoftmax",
     "ScoreFunction", "StraightThrough", "TemperatureEstimator", "as_categories",
 ]

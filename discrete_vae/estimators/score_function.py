@@ -1,6 +1,7 @@
 """The score function (REINFORCE) and its variance-reduced forms: an EMA baseline, leave-one-out
-(RLOO), and MuProp's Taylor control variate. Unbiased; the first two need nothing of a latent type
-beyond sampling and log q(z|x), MuProp its mean."""
+(RLOO), and MuProp's Taylor control variate, all unbiased; and DARN's learning signal, a Taylor
+expansion whose correction term is dropped (biased). The first two need nothing of a latent type
+beyond sampling and log q(z|x), MuProp its mean, DARN a categorical view."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from torch import Tensor
 
 from discrete_vae.errors import ConfigError, require_number
-from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, Generator
+from discrete_vae import sampling
+from discrete_vae.estimators.base import CostFn, Estimator, EstimatorOutput, Generator, as_categories
 from discrete_vae.latents import Latent
 
 
@@ -114,4 +116,50 @@ class MuProp(Estimator):
         log_q = latent.log_prob(logits, z)  # (B,)
         linear = (slope * mu).sum(dims)  # its gradient: f'(mu)^T grad mu
         loss = f + (f.detach() - h) * (log_q - log_q.detach()) + (linear - linear.detach())  # worth f
+        return EstimatorOutput(loss, f)
+
+
+class DARN(Estimator):
+    """DARN's estimator (Gregor, Danihelka, Mnih, Blundell & Wierstra 2014, "Deep AutoRegressive
+    Networks"; the form Jang et al. 2017, Sec. 3.2, compare against): the score function in which
+    each latent variable n gets its own learning signal, the first-order Taylor expansion of the
+    cost from the sample z to a fixed point zbar,
+
+        grad = sum_n [ f'(z)_n^T (z_n - zbar_n) ] grad log q(z_n|x),     z ~ q(z|x),
+
+    i.e. f(z) less the baseline f(z) + f'(z)^T (zbar - z), whose correction term is dropped: biased.
+    On a bit (zbar = 1/2) it is exact in expectation for a quadratic cost, since
+    E_b[f'(b) (b - 1/2) d log q(b)] = (f'(1) + f'(0)) / 2 = f(1) - f(0) when f' is linear in b.
+
+    It works on the categorical view (z_n one-hot of K categories), so on bits it is the K = 2 form,
+    which is the one above. `point` chooses zbar_n: "centre", the centre of the simplex 1/K (1/2 for
+    a bit, Gregor et al.'s choice), or "mean", the probabilities p_n (Shekhovtsov 2023, Sec. 4,
+    DARN(p), the half of ZGR that is not straight-through). Jang et al. give no formula for
+    categories; both points make it unbiased for a cost linear in z. One decoder evaluation, and
+    one backward for f'(z); the decoder's gradient and the reported value are those of f(z).
+    """
+
+    needs = ("has_categorical_view",)
+    POINTS = ("centre", "mean")
+
+    def __init__(self, point: str = "centre"):
+        super().__init__()
+        if point not in self.POINTS:
+            raise ConfigError(f"estimator.point must be one of {', '.join(self.POINTS)} for darn, got {point!r}")
+        self.point = point
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator: Generator = None) -> EstimatorOutput:
+        view, view_cost = as_categories(logits, cost, latent)  # (B, N, K)
+        z = sampling.gumbel_max(view.detach(), generator=generator)  # (B, N, K) one-hot
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # evaluation: the value alone
+            f = view_cost(z)
+            return EstimatorOutput(f, f)
+        point = z.requires_grad_()
+        f = view_cost(point)  # (B,)
+        (slope,) = torch.autograd.grad(f.sum(), point, retain_graph=True)  # f'(z), (B, N, K)
+        log_p = torch.log_softmax(view, dim=-1)  # (B, N, K)
+        zbar = log_p.detach().exp() if self.point == "mean" else torch.full_like(z, 1.0 / z.shape[-1])
+        signal = (slope * (z.detach() - zbar)).sum(-1)  # (B, N): one learning signal per latent variable
+        log_q = (log_p * z.detach()).sum(-1)  # (B, N): log q(z_n|x)
+        loss = f + (signal * (log_q - log_q.detach())).sum(-1)  # worth f: the term is zero
         return EstimatorOutput(loss, f)

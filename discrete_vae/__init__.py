@@ -22,7 +22,7 @@ from discrete_vae.errors import ConfigError, DataError, UserError
 register_resolvers()  # ${run_name:...} in conf/train.yaml, wherever a sweep job is resolved
 
 ESTIMATORS = ("ARM", "DARN", "DisARM", "Exact", "MuProp", "NVIL", "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "REBAR",
-              "RELAX", "RLOO", "ReinMax", "STGumbelSoftmax", "ScoreFunction", "StraightThrough", "ZGR",
+              "RELAX", "RLOO", "ReinMax", "STGumbelSoftmax", "ScoreFunction", "StraightThrough", "VIMCO", "ZGR",
               "Estimator", "EstimatorOutput", "TemperatureEstimator")
 LATENTS = ("Latent", "Categorical", "Bernoulli", "CAPABILITIES")
 SAMPLING = ("gumbel_max", "gumbel_softmax", "straight_through", "categorical_straight_through", "gumbel",

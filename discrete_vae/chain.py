@@ -44,6 +44,7 @@ class Objective(NamedTuple):
     neg_elbo: Tensor  # scalar, nats per image
     recon: Tensor  # scalar: the sampled part
     kl: Tensor  # scalar: the analytic part
+    nll_iwae: Tensor | None = None  # scalar: the m-sample bound being trained, with a multi-sample estimator
 
 
 class Layer(nn.Module):
@@ -118,6 +119,12 @@ class StochasticChain(nn.Module):
         """The analytic part of layer `level`'s term given its parent.  # (R, *shape) -> (R,)"""
         raise NotImplementedError
 
+    def weights(self, x: Tensor, drawn: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """(log w, -ELBO term) of draws through every layer (`sample_layers`), differentiable in the
+        parameters with the draws held: log w the importance log-weight of each draw, the term the
+        sampled part plus the analytic ones.  # x (B, D), z_l (S, B, ...) -> (S, B) each"""
+        raise NotImplementedError
+
     # -- what every chain answers alike ----------------------------------------------------------------
     def objective(self, x: Tensor, estimator: Estimator | Sequence[Estimator], logits: Tensor | None = None) -> Objective:
         """The training objective: the estimators' surrogate of the sampled part plus the analytic part,
@@ -125,9 +132,33 @@ class StochasticChain(nn.Module):
         Eq. 7). Its `loss`'s gradient is the estimate; `neg_elbo` is the value it reports. `estimator`:
         one per stochastic layer (`layer_estimators`), or one for a model of one layer. `logits`
         (B, *param_shape), when given, stand for `encode(x)` (the diagnostics replicate them)."""
-        loss, value, analytic = self.terms(x, self.as_estimators(estimator), logits)  # (B,) each
+        estimators = self.as_estimators(estimator)
+        if estimators[0].multi_sample:
+            return self.multi_sample_objective(x, estimators[0], logits)
+        loss, value, analytic = self.terms(x, estimators, logits)  # (B,) each
         return Objective(loss=(loss + analytic).mean(), neg_elbo=(value + analytic).mean(),
                          recon=value.mean(), kl=analytic.mean())
+
+    def multi_sample_objective(self, x: Tensor, estimator: Estimator, logits: Tensor | None = None) -> Objective:
+        """The training objective of a multi-sample estimator (VIMCO): m = `estimator.num_samples` draws
+        through every layer per example, their log-weights and the proposal's log-density
+        log q(h_j|x) = sum_l log q(h_j^l | h_j^(l-1)), both differentiable in the parameters with the
+        draws held, and the estimator's surrogate of the negative m-sample bound (Burda et al. 2016,
+        Eq. 8). `neg_elbo`, `recon` and `kl` are the ELBO's, averaged over the m draws, as the other
+        estimators report them; `nll_iwae` is the bound being trained."""
+        logits = self.encode(x) if logits is None else logits
+        drawn = self.sample_layers(logits, estimator.num_samples)  # [(logits_l, z_l)], z_l (m, B, ...)
+        log_w, term = self.weights(x, drawn)  # (m, B) each
+        log_q = sum(latent.log_prob(up, z) for latent, (up, z) in zip(self.latents, drawn))  # (m, B)
+        out = estimator.bound(log_w, log_q)  # (B,) each
+        neg_elbo, kl = term.mean(), self.analytic(0, logits).mean()  # kl: layer 1's analytic term, as `objective`'s
+        return Objective(loss=out.loss.mean(), neg_elbo=neg_elbo, recon=neg_elbo - kl, kl=kl, nll_iwae=out.value.mean())
+
+    @torch.no_grad()
+    def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
+        """`num` draws through every stochastic layer per image: (log w, -ELBO term), each (num, B)
+        (`weights`), for the evaluation's bounds.  # x (B, D), logits (B, *param_shape)"""
+        return self.weights(x, self.sample_layers(logits, num, generator))
 
     def neg_elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The bound at hard samples, one per stochastic layer (z1 ~ q(z1|x), then z2 ~ q(z2|z1), ...),
@@ -170,6 +201,9 @@ class StochasticChain(nn.Module):
             raise ConfigError(f"{len(estimators)} estimators for {len(self.latents)} stochastic layers")
         for each, latent in zip(estimators, self.latents):
             each.check(latent)
+        if len({each.multi_sample for each in estimators}) > 1:
+            raise ConfigError("a multi-sample estimator (VIMCO) estimates the m-sample bound of every layer at once: "
+                              "give it to every stochastic layer or to none")
         if len(estimators) > 1:
             counts = [each.decoder_evaluations(latent) for each, latent in zip(estimators, self.latents)]
             if math.prod(counts) > MAX_CHAIN_EVALUATIONS:

@@ -53,7 +53,7 @@ def sample_bounds(
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Bounds:
     """neg_elbo and nll_iwae of each image from the same m = `num_samples` draws z_i ~ q(z|x), through
-    every stochastic layer (VAE.sample_terms).  # x (B, D)
+    every stochastic layer (StochasticChain.sample_terms).  # x (B, D)
 
     log w_i = -cost(z_i, x) + log p(z_i) - log q(z_i|x)            (Burda et al. 2016, Eq. 8)
     nll_iwae = -(logsumexp_i log w_i - log m)

@@ -139,10 +139,10 @@ class VAEModule(L.LightningModule):
         out = self.model.objective(batch, self.estimators)
         if logs_this_step(self.trainer):
             self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=batch.shape[0], prog_bar=True)
-            self.log_dict(
-                {"train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl},
-                on_step=True, on_epoch=False, batch_size=batch.shape[0],
-            )
+            metrics = {"train/neg_elbo": out.neg_elbo, "train/recon": out.recon, "train/kl": out.kl}
+            if out.nll_iwae is not None:  # a multi-sample estimator's m-sample bound (VIMCO)
+                metrics["train/nll_iwae"] = out.nll_iwae
+            self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch.shape[0])
         return out.loss
 
     # -- per-step overhead that a hand-written loop does not have ----------------------------------

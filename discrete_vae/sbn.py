@@ -12,7 +12,7 @@ the paper's Table 1). The chain and its estimators are discrete_vae.chain's; onl
 differ from the VAE's: nothing below the top layer, -log p(x_lower | hL) at it.
 
 Why a model of its own rather than a VAE: the same LightningModule, evaluation and scripts run
-it (it answers the VAE's questions: `objective`, `neg_elbo`, `sample_terms`, `reconstruct`), but
+it (it answers the VAE's questions: `objective`, `neg_elbo`, `weights`, `reconstruct`), but
 it has no prior to sample images from (`has_prior = False`).
 """
 
@@ -104,11 +104,10 @@ class SBN(StochasticChain):
         logits = self.encode(x) if logits is None else logits
         return self.layer_terms(0, logits, self.halves(x)[1], estimators)
 
-    @torch.no_grad()
-    def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
-        """(log w, term), (num, B) each: h_i ~ p(h | x_upper) through the layers, log w = log p(x_lower | h_i)
+    def weights(self, x: Tensor, drawn: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(log w, term), (S, B) each, of draws h_i ~ p(h | x_upper) through the layers: log w = log p(x_lower | h_i)
         (the proposal is the model itself), term = -log w."""
-        top = self.sample_layers(logits, num, generator)[-1][1]  # (S, B, *shape of hL)
+        top = drawn[-1][1]  # (S, B, *shape of hL)
         cost = self.output_cost(top, self.halves(x)[1])  # (S, B)
         return -cost, cost
 

@@ -176,16 +176,14 @@ class VAE(StochasticChain):
             lse = torch.logaddexp(lse, torch.logsumexp(log_joint, dim=0))
         return -lse
 
-    @torch.no_grad()
-    def sample_terms(self, x: Tensor, logits: Tensor, num: int, generator: torch.Generator | None = None):
-        """`num` draws through every stochastic layer per image: (log w, -ELBO term), each (num, B).
+    def weights(self, x: Tensor, drawn: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(log w, -ELBO term) of draws through every stochastic layer (`sample_layers`), each (S, B).
 
         log w = log p(x, z1..zL) - log q(z1..zL | x) (Burda et al. 2016, Eq. 8), with
         log p = log p(x|z1) + sum_l log p(z_l | z_{l+1}) + log p(zL); the -ELBO term is the sampled
         part plus the analytic ones, whose mean over draws is -ELBO with lower variance than
-        -mean(log w) (for one layer: -log p(x|z) + KL).  # x (B, D), logits (B, *param_shape)"""
-        drawn = self.sample_layers(logits, num, generator)  # [(logits_l, z_l)], z_l (S, B, *shape_l)
-        z = drawn[0][1]
+        -mean(log w) (for one layer: -log p(x|z) + KL).  # x (B, D), drawn [(logits_l, z_l)], z_l (S, B, *shape_l)"""
+        logits, z = drawn[0]
         cost = self.cost(z, x)  # (S, B)
         log_w, term = -cost - self.latent.log_prob(logits, z), cost + self.analytic(0, logits)
         for level, (up_logits, above) in enumerate(drawn[1:], start=1):

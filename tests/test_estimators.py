@@ -271,3 +271,18 @@ def test_darn_is_exact_in_expectation_for_a_linear_cost_and_biased_beyond_it(tin
 def test_darn_refuses_an_unknown_expansion_point():
     with pytest.raises(ConfigError, match="estimator.point must be one of centre, mean for darn, got 'middle'"):
         E.DARN("middle")
+
+
+def test_nvil_without_normalisation_is_unbiased_whatever_its_running_variance(tiny):
+    nvil = E.NVIL(normalise=False).double()
+    nvil.check(tiny.latent)
+    nvil.eval()
+    nvil.centre.fill_(3.0)
+    nvil.variance.fill_(4.0)  # not used: the signal is only centred
+    torch.manual_seed(0)
+    grads = tiny.sample_grads(nvil, 200_000)
+    assert_mean_matches(grads, tiny.exact_grad(), z=5.0)
+    with pytest.raises(AssertionError):
+        assert_mean_matches(grads, tiny.exact_grad() + 0.05, z=5.0)
+    with pytest.raises(ConfigError, match="estimator.normalise must be true or false, got 'yes'"):
+        E.NVIL(normalise="yes")

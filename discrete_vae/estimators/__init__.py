@@ -6,7 +6,8 @@
 - relaxed: `GumbelSoftmax`, `STGumbelSoftmax`, `StraightThrough`, `GumbelRao`, `ReinMax`,
   `GappedStraightThrough`, `ZGR` (relaxations and straight-through);
 - control_variates: `NVIL`, `REBAR`, `RELAX` (learned baselines and control variates);
-- enumeration: `Exact`, `IndeCateR`.
+- enumeration: `Exact`, `IndeCateR`;
+- multi_sample: `VIMCO` (the m-sample bound's estimator: `VIMCO.bound(log_w, log_q)`).
 
 The contract and the capability check are in `base` (read its docstring first). Every estimator
 works in any model, with no Lightning and no Hydra:
@@ -30,10 +31,11 @@ from discrete_vae.estimators.relaxed import (
     STGumbelSoftmax,
     StraightThrough,
 )
+from discrete_vae.estimators.multi_sample import VIMCO
 from discrete_vae.estimators.score_function import DARN, RLOO, MuProp, ScoreFunction
 
 __all__ = [
     "ARM", "DARN", "MAX_HIDDEN", "MuProp", "NVIL", "REBAR", "RELAX", "RLOO", "ZGR", "CostFn", "DisARM", "Estimator", "EstimatorOutput", "Exact",
     "GappedStraightThrough", "GumbelRao", "GumbelSoftmax", "IndeCateR", "ReinMax", "STGumbelSoftmax",
-    "ScoreFunction", "StraightThrough", "TemperatureEstimator", "as_categories",
+    "ScoreFunction", "StraightThrough", "TemperatureEstimator", "VIMCO", "as_categories",
 ]

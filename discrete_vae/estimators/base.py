@@ -16,7 +16,7 @@ what it offers (`Latent.has_relaxation`, `has_enumerate_support`, ...: discrete_
 an estimator says what it needs (`needs`, names of those attributes), and `check(latent)` matches
 the two at start-up, refusing in one line with the capability that is missing. An estimator
 also declares `deterministic` (no noise: one estimate stands for all), `has_temperature` (a `tau`
-buffer that the annealing callback sets), `shares_noise_above` (in a chain) and
+buffer that the annealing callback sets), `shares_noise_above` (in a chain), `multi_sample` (VIMCO) and
 `decoder_evaluations(latent)` per example.
 
 Adding an estimator means one subclass (in this package or anywhere on the path) and one YAML
@@ -52,6 +52,8 @@ class Estimator(nn.Module):
     has_temperature: bool = False  # keeps a `tau` buffer for the annealing callback
     shares_noise_above: bool = False  # in a chain, the layers above draw the same noise for each of
     # the samples this estimator evaluates at once (discrete_vae.chain): REBAR's and RELAX's form
+    multi_sample: bool = False  # estimates the m-sample bound through `bound(log_w, log_q)`, not E_q[cost]
+    # through the contract above (discrete_vae.estimators.multi_sample: VIMCO)
 
     def check(self, latent: Latent) -> None:
         """At start-up, before any step: a ConfigError, in one line, when the latent type lacks a

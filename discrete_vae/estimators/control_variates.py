@@ -163,14 +163,24 @@ class NVIL(Estimator):
 
     c and v move only in training mode, after each batch is seen and before it is used (the paper's
     order). For given c and v the estimate is the exact gradient scaled by 1 / max(1, sqrt(v)).
+
+    `normalise=False` keeps the centring and drops the division by max(1, sqrt(v)). In the paper the
+    learning signal is the whole log p(x, h) - log q(h|x), so the division scales all of the inference
+    network's gradient alike (an adaptive step size, which Adam makes redundant). Where the KL is
+    analytic, as in every VAE here, f is only the sampled part, and the division shrinks its gradient
+    against the KL's: the posterior collapses to the prior (conf/estimator/nvil.yaml says what was
+    measured). An SBN, with no analytic term, is unaffected either way.
     """
 
-    def __init__(self, hidden: int = 100, momentum: float = 0.8):
+    def __init__(self, hidden: int = 100, momentum: float = 0.8, normalise: bool = True):
         super().__init__()
         self.hidden = int(require_number("estimator.hidden", hidden, positive=True, integer=True, high=MAX_HIDDEN,
                                          hint="the baseline network's width, 100 in the paper"))
         self.momentum = float(require_number("estimator.momentum", momentum, low=0.0, high=0.999999,
                                              hint="in [0, 1), the paper's alpha = 0.8"))
+        if not isinstance(normalise, bool):
+            raise ConfigError(f"estimator.normalise must be true or false, got {normalise!r}")
+        self.normalise = normalise
         self.register_buffer("centre", torch.zeros(()))  # c
         self.register_buffer("variance", torch.zeros(()))  # v
         self.net: nn.Module | None = None
@@ -195,7 +205,7 @@ class NVIL(Estimator):
                 self.centre.mul_(self.momentum).add_((1 - self.momentum) * residual.mean())
                 spread = residual.var() if residual.numel() > 1 else torch.zeros_like(residual.sum())
                 self.variance.mul_(self.momentum).add_((1 - self.momentum) * spread)
-        scale = self.variance.sqrt().clamp_min(1.0)
+        scale = self.variance.sqrt().clamp_min(1.0) if self.normalise else 1.0
         signal = ((f.detach() - b.detach() - self.centre) / scale).detach()  # (B,)
         log_q = latent.log_prob(logits, z)  # (B,)
         fit = -signal * b  # its gradient: -s grad b_psi, the baseline's descent

@@ -12,6 +12,7 @@ status or a file name of its own.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -262,8 +263,11 @@ def machine(accelerator: str = "auto") -> dict[str, Any]:
     return {"cpu": cpu_name(), "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+@functools.cache
 def source_commit() -> str | None:
-    """`git describe --always --dirty` of the checkout this package runs from, or None."""
+    """`git describe --always --dirty` of the checkout this package runs from, or None. Read once per
+    process: the jobs of a multirun run the code loaded when it started, whatever the checkout holds
+    by the time each job begins, so each records that commit."""
     try:
         # core.fsmonitor off: a checkout's fsmonitor hook is a program of its own, not ours to start
         out = subprocess.run(["git", "-c", "core.fsmonitor=false", "describe", "--always", "--dirty"],

@@ -115,6 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     error, so that scripts/report.py lists it; the exception is then re-raised.
     """
     start = time.perf_counter()
+    records.source_commit()  # read now, once per process: the commit of the code this run executes
     output_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     resume = cfg.get("resume", "auto")
     if resume not in RESUME_MODES:

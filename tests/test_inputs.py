@@ -242,8 +242,12 @@ def test_git_describe_runs_without_the_checkouts_fsmonitor(monkeypatch):
     seen = []
     monkeypatch.setattr(records.subprocess, "run", lambda args, **kw: seen.append(args) or
                         type("Done", (), {"returncode": 0, "stdout": "abc1234\n"})())
+    records.source_commit.cache_clear()
     assert records.source_commit() == "abc1234"
     assert seen[0][:3] == ["git", "-c", "core.fsmonitor=false"]
+    # once per process: a multirun's later jobs record the commit of the code they run
+    assert records.source_commit() == "abc1234" and len(seen) == 1
+    records.source_commit.cache_clear()
 
 
 @pytest.mark.parametrize("overrides, message", [

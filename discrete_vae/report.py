@@ -617,6 +617,16 @@ PAPERS = {
 }
 
 
+TUNED = "_tuned"  # records/<experiment>_tuned: the runs at each estimator's rate chosen on validation
+
+
+def paper_of(folder: str) -> str | None:
+    """The experiment of PAPERS whose numbers go beside a records folder: its own name, or for
+    `<experiment>_tuned` (the full-budget runs at the learning rates `select` chose) the experiment's."""
+    base = folder[: -len(TUNED)] if folder.endswith(TUNED) else folder
+    return base if base in PAPERS else None
+
+
 def _paper(estimator: str, experiment: str = "jang2017") -> str:
     paper = PAPERS.get(experiment)
     names = paper.rows.get(estimator, ()) if paper else ()
@@ -790,7 +800,7 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         name_configs(runs)
         rows = summarise(runs)
         exact = any(r.metric("eval/nll_exact") is not None for r in runs)
-        paper = folder.name if folder.name in PAPERS else None
+        paper = paper_of(folder.name)
         blocks[f"{folder.name}-table"] = results_table(runs, rows, paper=paper, exact=exact)
         blocks[f"{folder.name}-provenance"] = provenance(runs)
         plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)

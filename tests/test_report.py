@@ -228,6 +228,13 @@ def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, t
     assert table1.endswith("| 85.0† (`st`, 4,000 steps) |")
 
 
+def test_the_tuned_runs_table_has_its_experiments_paper_column():
+    from discrete_vae import report
+
+    assert report.paper_of("jang2017_sbn_tuned") == "jang2017_sbn" and report.paper_of("jang2017") == "jang2017"
+    assert report.paper_of("small_exact_tuned") is None and report.paper_of("jang2017_lr") is None
+
+
 def test_each_papers_numbers_go_beside_its_own_experiment():
     """The Bernoulli tables get their own papers' numbers: Jang et al.'s "VAE (Bern.)" row and ARM's Table 2."""
     from discrete_vae.report import PAPERS, _paper

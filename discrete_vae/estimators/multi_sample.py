@@ -26,13 +26,14 @@ class VIMCO(Estimator):
         grad L = sum_j [L - L_{-j}] grad log q(h_j|x) + sum_j (w_j / sum_i w_i) grad log w_j,
 
     where the second sum is the bound's gradient with the samples held (the importance-weighted
-    gradient of Burda et al. 2016, Eq. 14), and L_{-j}, the baseline of sample j, is the bound with
+    gradient of Burda et al. 2016, Sec. 3), and L_{-j}, the baseline of sample j, is the bound with
     w_j replaced by the geometric mean of the other weights, exp(1/(m-1) sum_{i != j} log w_i): the
     learning signal of each sample is its own, and the baseline is independent of h_j given the
     others, so the estimate is unbiased for grad E[L]. All in log space (logsumexp).
 
     In a chain of stochastic layers every layer's log q(h_j^l | h_j^{l-1}) gets the same signal of its
-    sample j (the multi-layer form of Mnih & Rezende, Sec. 5). In an SBN (discrete_vae.sbn) q is the
+    sample j: h_j is the whole draw through the layers, as in Mnih & Rezende's multi-layer sigmoid
+    belief networks. In an SBN (discrete_vae.sbn) q is the
     model's own p(h|x_upper) and w_j = p(x_lower | h_j). `num_samples` is m, the training objective's
     samples per example (m decoder evaluations, one backward); m >= 2.
     """

@@ -133,8 +133,8 @@ class DARN(Estimator):
 
     It works on the categorical view (z_n one-hot of K categories), so on bits it is the K = 2 form,
     which is the one above. `point` chooses zbar_n: "centre", the centre of the simplex 1/K (1/2 for
-    a bit, Gregor et al.'s choice), or "mean", the probabilities p_n (Shekhovtsov 2023, Sec. 4,
-    DARN(p), the half of ZGR that is not straight-through). Jang et al. give no formula for
+    a bit, Gregor et al.'s choice), or "mean", the probabilities p_n (Shekhovtsov 2023's DARN(p),
+    the half of ZGR that is not straight-through). Jang et al. give no formula for
     categories; both points make it unbiased for a cost linear in z. One decoder evaluation, and
     one backward for f'(z); the decoder's gradient and the reported value are those of f(z).
     """

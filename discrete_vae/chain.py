@@ -205,7 +205,7 @@ class StochasticChain(nn.Module):
             raise ConfigError("a multi-sample estimator (VIMCO) estimates the m-sample bound of every layer at once: "
                               "give it to every stochastic layer or to none")
         if len(estimators) > 1:
-            counts = [each.decoder_evaluations(latent) for each, latent in zip(estimators, self.latents)]
+            counts = self.layer_counts(estimators, rows=False)
             if math.prod(counts) > MAX_CHAIN_EVALUATIONS:
                 raise ConfigError(
                     f"estimator {type(estimators[0]).__name__} on {len(counts)} stochastic layers evaluates the "
@@ -213,6 +213,15 @@ class StochasticChain(nn.Module):
                     f"{MAX_CHAIN_EVALUATIONS}; choose another estimator or smaller layers"
                 )
         return estimators
+
+    def layer_counts(self, estimators: Sequence[Estimator], rows: bool = True) -> list[int]:
+        """Decoder evaluations per example of each layer's estimator (`rows`: the most in one call,
+        `decoder_rows`), whose product is the chain's: each draw of a layer's estimator runs the layers
+        above. A multi-sample estimator draws its m samples through every layer at once: [m]."""
+        count = (lambda e, latent: e.decoder_rows(latent)) if rows else (lambda e, latent: e.decoder_evaluations(latent))
+        if estimators[0].multi_sample:
+            return [count(estimators[0], self.latent)]
+        return [count(each, latent) for each, latent in zip(estimators, self.latents)]
 
     def as_estimators(self, estimator: Estimator | Sequence[Estimator]) -> list[Estimator]:
         """The estimators `objective` was given: a sequence, one per layer; a single estimator only for

@@ -135,7 +135,7 @@ def eval_mode(estimator: Estimators) -> Iterator[None]:
 def auto_chunk(model: VAE, x: Tensor, estimator: Estimators) -> int:
     """Estimates per batched call, bounded by decoder rows and by gradient memory."""
     estimators = per_layer(model, estimator)
-    samples = math.prod(e.decoder_rows(latent) for e, latent in zip(estimators, model.latents))  # rows per example
+    samples = math.prod(model.layer_counts(estimators))  # decoder rows per example
     num_params = sum(p.numel() for p in encoder_parameters(model))
     return max(1, min(MAX_ROWS // (len(x) * samples), MAX_GRAD_FLOATS // num_params))
 

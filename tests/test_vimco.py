@@ -110,3 +110,16 @@ def test_the_leave_one_out_signals_cut_the_variance_of_the_plain_multi_sample_sc
             model.objective(X.expand(20, -1), model.layer_estimators(estimator)).loss, encoder)]) for _ in range(300)])
         variances.append(grads.var(0).sum())
     assert variances[0] < 0.5 * variances[1], variances  # about 0.03 here
+
+
+def test_a_chain_counts_vimcos_draws_once_not_once_per_layer():
+    """m draws go through every layer together: m decoder evaluations per example, not m^L, so m = 20 on
+    three layers (20^3 = 8,000, over the chain's budget of 4,096 were it a product) is accepted."""
+    model = VAE(Bernoulli(4), input_dim=4, hidden_dims=[], upper_latents=[Bernoulli(3), Bernoulli(2)],
+                output_bias_init="default")
+    estimators = model.layer_estimators(E.VIMCO(num_samples=20))
+    assert model.layer_counts(estimators) == [20]
+    assert model.layer_counts(model.layer_estimators(E.RLOO(num_samples=4))) == [4, 4, 4]
+    torch.manual_seed(0)
+    out = model.objective(X.float().expand(8, -1), estimators)
+    assert torch.isfinite(out.loss) and out.nll_iwae is not None

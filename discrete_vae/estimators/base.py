@@ -52,8 +52,8 @@ class Estimator(nn.Module):
     has_temperature: bool = False  # keeps a `tau` buffer for the annealing callback
     shares_noise_above: bool = False  # in a chain, the layers above draw the same noise for each of
     # the samples this estimator evaluates at once (discrete_vae.chain): REBAR's and RELAX's form
-    multi_sample: bool = False  # estimates the m-sample bound through `bound(log_w, log_q)`, not E_q[cost]
-    # through the contract above (discrete_vae.estimators.multi_sample: VIMCO)
+    multi_sample: bool = False  # estimates the m-sample bound through `bound(log_w, log_q)` of its
+    # `num_samples` draws, not E_q[cost] through the contract above (discrete_vae.estimators.multi_sample)
 
     def check(self, latent: Latent) -> None:
         """At start-up, before any step: a ConfigError, in one line, when the latent type lacks a

@@ -3,8 +3,9 @@ ELBO. Why a family of its own: the bound log 1/m sum_j w_j does not split into a
 an analytic term, so these estimators do not take the one-layer contract `(logits, cost, latent)`.
 They see the m importance log-weights log w_j of m draws through every stochastic layer and the
 proposal's log-density log q(h_j|x) of each (`StochasticChain.multi_sample_objective` computes both),
-and return the surrogate of the negative bound. They declare `multi_sample = True`; a model trains
-with the m-sample objective exactly when its estimator is one of them.
+and return the surrogate of the negative bound. They declare `multi_sample = True` and the m of
+their draws as `num_samples`; a model trains with the m-sample objective exactly when its estimator
+is one of them.
 """
 
 from __future__ import annotations

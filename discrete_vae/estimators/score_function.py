@@ -86,8 +86,9 @@ class RLOO(Estimator):
 
 class MuProp(Estimator):
     """MuProp (Gu, Levine, Sutskever & Mnih 2016, "MuProp: Unbiased Backpropagation for Stochastic
-    Neural Networks", Sec. 3, the single-layer estimator): the score function with, as its control variate, the first-order
-    Taylor expansion of the cost around the mean-field point mu = E_q[z] (`Latent.mean`), held fixed:
+    Neural Networks", Sec. 3, the single-layer estimator): the score function with, as its control
+    variate, the first-order Taylor expansion of the cost around the mean-field point mu = E_q[z]
+    (`Latent.mean`), held fixed:
 
         h(z) = f(mu) + f'(mu)^T (z - mu),
         grad = [f(z) - h(z)] grad log q(z|x) + f'(mu)^T grad mu,

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import yaml
 
 from discrete_vae import records
+from discrete_vae.cli import override_pairs
 from discrete_vae.errors import ConfigError, DataError
 from discrete_vae.records import DIVERGED, DONE, EARLIER_DIR, FAILED, FINISHED, METRICS_FILE, UNFINISHED
 
@@ -541,7 +542,7 @@ def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
         metric = "val/nll_iwae" if all(r.metric("val/nll_iwae") is not None for r in runs) else "val/neg_elbo"
     groups: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
-        rate = next((o.split("=", 1)[1] for o in run.overrides if _key(o) == LR_KEY), "(the config's)")
+        rate = override_pairs(run.overrides).get(LR_KEY, "(the config's)")
         rest = sorted(o.lstrip("+") for o in run.naming_overrides() if _key(o) not in (LR_KEY, *ALWAYS_IGNORED))
         groups.setdefault(",".join(rest), {}).setdefault(rate, []).append(run)
     rows = []

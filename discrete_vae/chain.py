@@ -77,6 +77,16 @@ class HardSample(Estimator):
         return EstimatorOutput(f, f)
 
 
+class MeanField(Estimator):
+    """Not a gradient estimator: the cost at the latent type's mean E_q[z] (`Latent.mean`), no sample.
+    Given to every layer above, it makes a chain's cost the mean-field network of Gu et al. (2016,
+    Sec. 3.3 and Fig. 1, "f-bar"): a deterministic pass that carries each layer's mean upwards."""
+
+    def forward(self, logits: Tensor, cost: CostFn, latent: Latent, generator=None) -> EstimatorOutput:
+        f = cost(latent.mean(logits))
+        return EstimatorOutput(f, f)
+
+
 class StochasticChain(nn.Module):
     """Base class of models with a chain of stochastic layers (see the module docstring)."""
 
@@ -243,20 +253,23 @@ class StochasticChain(nn.Module):
 
         shape = latent.event_shape  # of a sample: what the layers above and the local cost see
 
-        def above(z: Tensor) -> Tensor:  # (*S, R, *shape) -> (*S, R): the layers above, given z
+        def above(z: Tensor, upper: Sequence[Estimator] = estimators) -> Tensor:  # (*S, R, *shape) -> (*S, R)
+            # the layers above, given z, each run by its estimator in `upper`
             lead = tuple(z.shape[: z.dim() - len(shape) - 1])
             z = z.reshape(-1, *shape)  # every (sample, row) its own draws above
             loss, _, analytic = self.layer_terms(
-                level + 1, self.encode_above(level, z), self.context_above(level, z, context, lead), estimators
+                level + 1, self.encode_above(level, z), self.context_above(level, z, context, lead), upper
             )
             return (loss + analytic).reshape(*lead, rows)
 
-        def cost(z: Tensor) -> Tensor:  # (*S, R', *shape) -> (*S, R)
+        def cost(z: Tensor, upper: Sequence[Estimator] = estimators) -> Tensor:  # (*S, R', *shape) -> (*S, R)
             here = self.local_cost(level, z, context)
             if level + 1 == len(self.latents):
                 return here
             lead = tuple(z.shape[: z.dim() - len(shape)])[:-1]  # (*S)
             z = z.expand(*lead, rows, *shape)  # a configuration shared by the batch: one per row
+            if upper is not estimators:  # the mean-field network above (`cost.mean_field`)
+                return here + above(z, upper)
             if not (estimators[level].shares_noise_above and len(lead) == 1):
                 return here + above(z)
             # the layers above draw the same noise for each of the S evaluations (REBAR's f(b),
@@ -265,6 +278,15 @@ class StochasticChain(nn.Module):
                 parts = [again() or above(z[i]) for i in range(lead[0])]
             return here + torch.stack(parts)
 
+        def mean_field(z: Tensor) -> Tensor:  # (*S, R', *shape) -> (*S, R): the cost, every layer above at its mean
+            missing = [f"{lvl + 1} ({type(each).__name__})" for lvl, each in enumerate(self.latents)
+                       if lvl > level and not each.has_mean]
+            if missing:
+                raise ConfigError(f"the mean-field network needs every layer above to have a mean; "
+                                  f"layer(s) {', '.join(missing)} have none")
+            return cost(z, [MeanField()] * len(self.latents))
+
+        cost.mean_field = mean_field  # Gu et al.'s f-bar, for MuProp (`above="mean_field"`)
         out = estimators[level](logits, cost, latent)
         return out.loss, out.value, self.analytic(level, logits)
 

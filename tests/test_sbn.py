@@ -62,8 +62,8 @@ def test_the_exact_likelihood_is_the_brute_force_sum_and_the_bounds_lie_above_it
 
 
 @pytest.mark.parametrize("make", [E.ScoreFunction, lambda: E.RLOO(2), E.ARM, E.DisARM, E.REBAR, E.RELAX,
-                                  E.IndeCateR, E.MuProp],
-                         ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater", "muprop"])
+                                  E.IndeCateR, E.MuProp, lambda: E.MuProp(above="mean_field")],
+                         ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater", "muprop", "muprop_mean_field"])
 def test_an_unbiased_estimator_is_unbiased_for_both_layers(make):
     model = tiny()
     params = [model.encoder.net[0].weight, model.upper[0].encoder.net[0].weight]
@@ -132,3 +132,32 @@ def test_the_best_checkpoint_can_follow_the_validation_bound(data_root, tmp_path
 def test_the_description_names_no_prior():
     """Every SBN layer is drawn given the one before (h1 given x_upper): no layer's prior is used."""
     assert tiny().describe() == "N=2 Bernoulli latents / N=2 Bernoulli latents"
+
+
+def test_muprop_mean_field_expands_around_the_deterministic_pass_through_the_layers_above():
+    """`cost.mean_field`, what MuProp(above="mean_field") expands, is Gu et al.'s mean-field network:
+    h1 given, h2 at its mean sigma(W2 h1 + b2), then -log p(x_lower | that mean); no draw, so it is
+    the same every call. A layer above without a mean is refused in one line."""
+    from discrete_vae.errors import ConfigError
+
+    class Spy(E.ScoreFunction):
+        def forward(self, logits, cost, latent, generator=None):
+            point = latent.mean(logits)
+            self.seen = [cost.mean_field(point) for _ in range(2)]
+            return super().forward(logits, cost, latent, generator)
+
+    model, spy = tiny(), Spy()
+    model.objective(X, [spy, E.ScoreFunction()])
+    upper, lower = X[:, :3], X[:, 3:]
+    h2 = torch.sigmoid(model.upper[0].encoder(torch.sigmoid(model.encoder(upper))))
+    want = F.binary_cross_entropy_with_logits(model.decoder(h2), lower, reduction="none").sum(-1)
+    torch.testing.assert_close(spy.seen[0], want)
+    assert torch.equal(spy.seen[0], spy.seen[1])
+
+    class NoMean(Bernoulli):
+        has_mean = False
+
+    with pytest.raises(ConfigError, match="mean-field network needs every layer above to have a mean"):
+        tiny(upper=[NoMean(2)]).objective(X, [E.MuProp(above="mean_field"), E.ScoreFunction()])
+    with pytest.raises(ConfigError, match="estimator.above must be one of sampled, mean_field"):
+        E.MuProp(above="mean")

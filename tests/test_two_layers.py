@@ -93,8 +93,8 @@ def test_images_are_drawn_down_the_chain():
 
 
 @pytest.mark.parametrize("make", [E.ScoreFunction, lambda: E.RLOO(2), E.ARM, E.DisARM, E.REBAR, E.RELAX,
-                                  E.IndeCateR, E.MuProp],
-                         ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater", "muprop"])
+                                  E.IndeCateR, E.MuProp, lambda: E.MuProp(above="mean_field")],
+                         ids=["sf", "rloo", "arm", "disarm", "rebar", "relax", "indecater", "muprop", "muprop_mean_field"])
 def test_an_unbiased_estimator_is_unbiased_for_both_layers(make):
     model = tiny()
     encoders = [p for name, p in model.named_parameters() if "encoder" in name]

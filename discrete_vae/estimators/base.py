@@ -34,6 +34,9 @@ from discrete_vae.errors import ConfigError, require_number
 from discrete_vae.latents import CAPABILITIES, Latent
 
 CostFn = Callable[[Tensor], Tensor]  # z (*S, B, *event_shape) -> cost (*S, B)
+# In a chain of stochastic layers (discrete_vae.chain) the cost also carries `cost.mean_field`, the same
+# cost with every layer above at its mean instead of drawn (Gu et al. 2016's mean-field network); MuProp's
+# `above="mean_field"` expands it. A cost without it has nothing above.
 Generator = Optional[torch.Generator]  # where an estimator's noise comes from; None: torch's global generator
 
 

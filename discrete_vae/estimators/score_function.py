@@ -96,9 +96,23 @@ class MuProp(Estimator):
     unbiased: E_q[h(z)] = f(mu) + f'(mu)^T (E_q[z] - mu), whose gradient (mu and f' held) is the last
     term, computed exactly. The decoder is evaluated at z and at mu (2 evaluations, and one backward
     for f'(mu)); only f(z) gives the decoder its gradient, and f(z) is the reported value.
+
+    In a chain of stochastic layers, `above` says what f(mu) and f'(mu) see of the layers above
+    layer l: "sampled" (the default) runs them as for f(z), with their own estimators and fresh
+    draws, so h carries noise of its own; "mean_field" runs Gu et al.'s mean-field network
+    (Sec. 3.3, Fig. 1 left: "f-bar"), every layer above at its mean, so h is a deterministic
+    function of z_l. Both are unbiased (h never depends on the draws that f(z) uses above layer l);
+    with one layer they are the same.
     """
 
     needs = ("has_mean",)
+    ABOVE = ("sampled", "mean_field")
+
+    def __init__(self, above: str = "sampled"):
+        super().__init__()
+        if above not in self.ABOVE:
+            raise ConfigError(f"estimator.above must be one of {', '.join(self.ABOVE)} for muprop, got {above!r}")
+        self.above = above
 
     def decoder_evaluations(self, latent: Latent) -> int:
         return 2
@@ -110,7 +124,8 @@ class MuProp(Estimator):
             return EstimatorOutput(f, f)
         mu = latent.mean(logits)  # (B, *event_shape), differentiable in the logits
         point = mu.detach().requires_grad_()
-        f_mu = cost(point)  # (B,)
+        expand = getattr(cost, "mean_field", cost) if self.above == "mean_field" else cost  # a chain's f-bar
+        f_mu = expand(point)  # (B,)
         (slope,) = torch.autograd.grad(f_mu.sum(), point)  # f'(mu), per example; no other gradient taken
         dims = tuple(range(1, z.dim()))
         h = f_mu.detach() + (slope * (z.detach() - point.detach())).sum(dims)  # (B,), the control variate

@@ -36,7 +36,7 @@ import math
 import re
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -427,7 +427,8 @@ def plot_curves(path: Path, runs: list[Run], rows: list[dict]) -> None:
     ax.set_ylabel("validation negative ELBO (nats)")
     ax.set_title("val/neg_elbo: mean over seeds, band ± 1 s.d.")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if tops:  # (records without curves: an empty plot, and no legend to warn about)
+        ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -525,19 +526,45 @@ BUDGET_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")  #
 SELECTION_FILES = ("selection.md", "selection.json")
 
 
-def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
-    """The papers' protocol for a learning rate per estimator, from a grid sweep over optimizer.lr: for
-    each configuration (the overrides less the seed and the rate), the rate whose finished runs have
-    the lowest mean validation bound. The measure is `metric`, else val/nll_iwae where every run logged
-    it, else val/neg_elbo; a test number never chooses (a metric outside val/ is refused). Writes
-    selection.md and selection.json into the sweep, each row with the command that trains the chosen
-    rate at the preset's budget with 3 seeds (the grid's budget keys dropped)."""
+def preset_rate(overrides: tuple[str, ...]) -> float | None:
+    """The learning rate conf/ gives a run with these overrides (none of them optimizer.lr): the
+    rate of that configuration's fixed-rate runs. None where conf/ cannot compose them (an
+    experiment of another checkout, a misspelt override)."""
+    if overrides not in _PRESET_RATES:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from discrete_vae.cli import CONF
+
+        rate = None
+        if not GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config is not ours to swap
+            try:
+                with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                    rate = float(compose("train", overrides=list(overrides)).optimizer.lr)
+            except Exception as err:  # any composition error means "not known": the row is then not reused
+                log.debug("no preset rate for %s: %s", overrides, err)
+        _PRESET_RATES[overrides] = rate
+    return _PRESET_RATES[overrides]
+
+
+_PRESET_RATES: dict[tuple[str, ...], float | None] = {}
+
+
+def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[dict]:
+    """The papers' protocol for a learning rate per estimator, from the runs of a grid over
+    optimizer.lr: for each configuration (the overrides less the seed and the rate), the rate whose
+    finished runs have the lowest mean validation bound. The measure is `metric`, else val/nll_iwae
+    where every run logged it, else val/neg_elbo; a test number never chooses (a metric outside val/
+    is refused). Each row has the command that trains the chosen rate at the preset's budget with 3
+    seeds (the grid's budget keys dropped), and `fixed_rate` true where the chosen rate is the one
+    conf/ gives that configuration anyway: its fixed-rate runs (docs/results/<experiment>) are then
+    already the tuned runs, and `results` puts them in the tuned table."""
     if metric is not None and not str(metric).startswith("val/"):
         raise ConfigError(f"--metric {metric}: a rate is chosen on validation numbers only; use val/neg_elbo or "
                           f"val/nll_iwae")
-    runs = [r for r in find_runs(root) if r.status == FINISHED]
+    runs = [r for r in runs if r.status == FINISHED]
     if not runs:
-        raise DataError(f"{root} holds no finished run to choose a learning rate from")
+        raise DataError("no finished run to choose a learning rate from")
     if metric is None:
         metric = "val/nll_iwae" if all(r.metric("val/nll_iwae") is not None for r in runs) else "val/neg_elbo"
     groups: dict[str, dict[str, list[Run]]] = {}
@@ -556,19 +583,50 @@ def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
         keep = [o for o in config.split(",") if o and _key(o) not in BUDGET_KEYS]
         command = (" ".join(["python scripts/train.py -m", *keep, f"{LR_KEY}={chosen}", "seed=1,2,3"])
                    if chosen is not None else None)
+        preset = preset_rate(tuple(keep))
         rows.append({"config": config or "all", "metric": metric, "chosen": chosen, "command": command,
+                     "preset_config": keep, "preset_rate": preset,
+                     "fixed_rate": chosen is not None and preset is not None and _same_rate(chosen, preset),
                      "rates": {rate: {"mean": s, "runs": n} for rate, (s, n) in scores.items()}})
-    lines = [f"# Learning rates chosen on validation: `{md_text(root.name)}`", "",
-             f"Per configuration, the rate with the lowest mean {metric} over its finished runs "
-             f"(validation images only). Nats per image.", ""]
+    return rows
+
+
+def _same_rate(rate: str, preset: float) -> bool:
+    try:
+        return math.isclose(float(rate), preset, rel_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def selection_lines(rows: list[dict], title: str | None = None) -> list[str]:
+    """The selection as markdown: every configuration's rates with their validation bound, the chosen
+    one marked, then the commands for the chosen rates that the fixed-rate runs do not already cover."""
+    metric = rows[0]["metric"] if rows else "val/neg_elbo"
+    lines = ([f"# Learning rates chosen on validation: `{md_text(title)}`", ""] if title else []) + [
+        f"Per configuration, the rate with the lowest mean {metric} over its finished runs (validation "
+        f"images only), in nats per image. \"preset's\" marks the rate conf/ gives the configuration, so "
+        f"its fixed-rate runs are already the tuned runs.", ""]
     lines += md_head(["configuration", LR_KEY, "runs", metric, "chosen"])
     for row in rows:
         for rate, score in sorted(row["rates"].items(), key=lambda kv: _rate_order(kv[0])):
-            lines.append(md_row([row["config"], rate, score["runs"], fmt(score["mean"]),
-                                 "yes" if rate == row["chosen"] else ""]))
-    lines += ["", "Then, at the preset's budget:", "", "```bash", *[r["command"] for r in rows if r["command"]], "```"]
-    records.write_atomic(root / SELECTION_FILES[0], "\n".join(lines) + "\n")
-    records.write_json(root / SELECTION_FILES[1], {"sweep": root.name, "metric": metric, "configurations": rows})
+            mark = ("yes" + (" (preset's)" if row["fixed_rate"] else "")) if rate == row["chosen"] else ""
+            lines.append(md_row([row["config"], rate, score["runs"], fmt(score["mean"]), mark]))
+    todo = [r["command"] for r in rows if r["command"] and not r["fixed_rate"]]
+    lines += ["", "Then, at the preset's budget:", "", "```bash", *todo, "```"] if todo else [
+        "", "Every chosen rate is its preset's: the fixed-rate runs are the tuned runs."]
+    return lines
+
+
+def select_learning_rates(root: Path, metric: str | None = None) -> list[dict]:
+    """`choose_learning_rates` on the runs under `root` (a sweep or a records folder), written into it
+    as selection.md and selection.json."""
+    runs = find_runs(root)
+    if not any(r.status == FINISHED for r in runs):
+        raise DataError(f"{root} holds no finished run to choose a learning rate from")
+    rows = choose_learning_rates(runs, metric)
+    records.write_atomic(root / SELECTION_FILES[0], "\n".join(selection_lines(rows, root.name)) + "\n")
+    records.write_json(root / SELECTION_FILES[1], {"sweep": root.name, "metric": rows[0]["metric"],
+                                                   "configurations": rows})
     return rows
 
 
@@ -619,6 +677,22 @@ PAPERS = {
 
 
 TUNED = "_tuned"  # records/<experiment>_tuned: the runs at each estimator's rate chosen on validation
+GRID = "_lr"  # records/<experiment>_lr: the learning-rate grid (reduced budget) that chose those rates
+
+
+def fixed_rate_runs(chosen: list[dict], runs: list[Run]) -> list[Run]:
+    """The fixed-rate runs of an experiment that are its tuned runs too: those of each configuration
+    whose chosen rate is the one conf/ gave them (`fixed_rate`), as copies named with that rate, so that
+    the tuned table has them without training them again."""
+    stand_in = []
+    for row in chosen:
+        if not row["fixed_rate"]:
+            continue
+        config = set(row["preset_config"])
+        for run in runs:
+            if {o.lstrip("+") for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED} == config:
+                stand_in.append(replace(run, overrides=[*run.overrides, f"{LR_KEY}={row['chosen']}"], config=""))
+    return stand_in
 
 
 def paper_of(folder: str) -> str | None:
@@ -788,25 +862,35 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
 
     Blocks: <experiment>-table (with the paper's numbers for the experiments of PAPERS, nll_exact where the
     records have it), <experiment>-provenance, and summary (one row per estimator, its headline
-    number on each experiment: exact NLL, else the evaluated IWAE bound, else test −ELBO).
-    Plots: records_root/<experiment>_val_neg_elbo.png and <experiment>_test_nll.png. Text
+    number on each experiment: exact NLL, else the evaluated IWAE bound, else test −ELBO). A
+    learning-rate grid, <experiment>_lr/, gets <experiment>_lr-selection (the rates chosen on
+    validation) and its provenance instead, and no table, plot or summary column (its budget is a
+    reduced one); its configurations whose chosen rate is the preset's bring their fixed-rate runs of
+    <experiment>/ into <experiment>_tuned-table. Plots: records_root/<experiment>_val_neg_elbo.png and <experiment>_test_nll.png. Text
     outside the blocks is left as it is."""
     if not records_root.is_dir():
         raise DataError(f"{records_root} is not a directory of run records (docs/results)")
+    folders = {p.name: runs for p in sorted(records_root.iterdir()) if p.is_dir() and (runs := find_runs(p))}
     blocks, summary, experiments = {}, {}, {}
-    for folder in sorted(p for p in records_root.iterdir() if p.is_dir()):
-        runs = find_runs(folder)
-        if not runs:
+    tables = {name: runs for name, runs in folders.items() if not name.endswith(GRID)}
+    for name, grid in folders.items():
+        if not name.endswith(GRID) or not any(r.status == FINISHED for r in grid):
             continue
+        chosen = choose_learning_rates(grid)
+        blocks[f"{name}-selection"] = selection_lines(chosen)
+        blocks[f"{name}-provenance"] = provenance(grid)
+        experiment = name[: -len(GRID)]
+        if stand_in := fixed_rate_runs(chosen, folders.get(experiment, [])):
+            tables[experiment + TUNED] = tables.get(experiment + TUNED, []) + stand_in
+    for name, runs in sorted(tables.items()):
         name_configs(runs)
         rows = summarise(runs)
         exact = any(r.metric("eval/nll_exact") is not None for r in runs)
-        paper = paper_of(folder.name)
-        blocks[f"{folder.name}-table"] = results_table(runs, rows, paper=paper, exact=exact)
-        blocks[f"{folder.name}-provenance"] = provenance(runs)
-        plot_curves(records_root / f"{folder.name}_val_neg_elbo.png", runs, rows)
-        plot_test(records_root / f"{folder.name}_test_nll.png", runs, rows)
-        summary[folder.name], experiments[folder.name] = rows, runs
+        blocks[f"{name}-table"] = results_table(runs, rows, paper=paper_of(name), exact=exact)
+        blocks[f"{name}-provenance"] = provenance(runs)
+        plot_curves(records_root / f"{name}_val_neg_elbo.png", runs, rows)
+        plot_test(records_root / f"{name}_test_nll.png", runs, rows)
+        summary[name], experiments[name] = rows, runs
     blocks["summary"] = summary_table(experiments)
     blocks["jang2017-table1"] = jang_table1(experiments)
 

@@ -186,6 +186,51 @@ def test_results_page_is_rebuilt_from_the_records_alone(sweep, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _record(folder: Path, estimator: str, seed: int, value: float, *extra: str, steps: int = 1000) -> None:
+    """A committed record (report.py export's form) with validation and evaluated test numbers."""
+    folder.mkdir(parents=True)
+    overrides = ["experiment=jang2017", f"seed={seed}", f"estimator={estimator}", *extra]
+    metrics = {"val/neg_elbo": value + seed, "test/neg_elbo": value + seed + 0.5}
+    (folder / "metrics.json").write_text(json.dumps({
+        "estimator": estimator, "overrides": overrides, "seed": seed, "steps": steps, "wall_time_s": 60.0,
+        "status": "finished", "metrics": metrics, "commit": "abc1234",
+        "evaluation": {"num_samples": 1000, "metrics": {"nll_iwae": value + seed - 10.0}}}))
+
+
+def test_a_learning_rate_grid_chooses_the_tuned_rows_and_reuses_the_fixed_rate_runs(tmp_path):
+    """docs/results/<experiment>_lr (a grid at a reduced budget) is shown as its selection, not as a
+    table or a summary column; where the chosen rate is the preset's own, the fixed-rate runs stand in
+    the tuned table (named with the rate) beside the runs trained at the other chosen rates."""
+    root = tmp_path / "results"
+    for seed in (1, 2, 3):
+        _record(root / "jang2017" / f"sf,seed={seed}", "sf", seed, 130.0)
+        _record(root / "jang2017" / f"st,seed={seed}", "st", seed, 120.0)
+        _record(root / "jang2017_tuned" / f"sf,seed={seed},lr", "sf", seed, 125.0, "optimizer.lr=3e-4")
+    grid = {("sf", "3e-4"): 140.0, ("sf", "1e-3"): 142.0, ("st", "3e-4"): 139.0, ("st", "1e-3"): 135.0}
+    for (estimator, rate), value in grid.items():  # the test numbers would choose otherwise: they are not read
+        _record(root / "jang2017_lr" / f"{estimator},{rate}", estimator, 1, value, f"optimizer.lr={rate}",
+                "trainer.max_steps=200", steps=200)
+    markdown = tmp_path / "results.md"
+    markdown.write_text("".join(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n" for name in (
+        "jang2017_tuned-table", "jang2017_lr-selection", "jang2017_lr-table", "summary")))
+    result = _run(REPORT, "results", root, "--markdown", markdown, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = markdown.read_text()
+    tuned = {line.split("|")[1].strip(): line for line in text.split("<!-- /report:jang2017_tuned-table")[0]
+             .splitlines() if line.startswith("| estimator=")}
+    assert set(tuned) == {"estimator=sf,optimizer.lr=3e-4", "estimator=st,optimizer.lr=1e-3"}, tuned
+    assert "| 112.00 ± 1.00 |" in tuned["estimator=st,optimizer.lr=1e-3"]  # the fixed-rate st runs' bound
+    assert "| 117.00 ± 1.00 |" in tuned["estimator=sf,optimizer.lr=3e-4"]  # the tuned sf runs'
+    selection = text.split("<!-- report:jang2017_lr-selection -->")[1].split("<!-- /report")[0]
+    assert "| estimator=st,experiment=jang2017,trainer.max_steps=200 | 1e-3 | 1 | 136.00 | yes (preset's) |" in selection
+    assert "| estimator=sf,experiment=jang2017,trainer.max_steps=200 | 3e-4 | 1 | 141.00 | yes |" in selection
+    assert "python scripts/train.py -m estimator=sf experiment=jang2017 optimizer.lr=3e-4 seed=1,2,3" in selection
+    assert "<!-- report:jang2017_lr-table -->\n<!-- /report:jang2017_lr-table -->" in text  # no table of the grid
+    summary = text.split("<!-- report:summary -->")[1]
+    assert "jang2017_tuned" in summary and "jang2017_lr" not in summary
+    assert not (root / "jang2017_lr_val_neg_elbo.png").exists() and (root / "jang2017_tuned_test_nll.png").exists()
+
+
 def test_results_refuses_a_missing_records_folder(tmp_path):
     result = _run(REPORT, "results", tmp_path / "nowhere", "--markdown", tmp_path / "r.md", cwd=tmp_path)
     assert result.returncode == 1 and "not a directory of run records" in result.stderr
@@ -319,5 +364,9 @@ def test_select_chooses_each_estimators_rate_on_validation_never_on_test(tmp_pat
     assert "optimizer.lr=1e-3 seed=1,2,3" in st["command"] and "max_steps" not in st["command"]
     assert "experiment=jang2017" in st["command"]
     assert "| estimator=st" in result.stdout and "| yes |" in result.stdout
+    # st's chosen 1e-3 is the rate conf/ gives experiment=jang2017: its fixed-rate runs are the tuned ones
+    assert st["fixed_rate"] and st["preset_rate"] == 1e-3 and not sf["fixed_rate"]
+    assert "| yes (preset's) |" in result.stdout and sf["command"] in result.stdout
+    assert st["command"] not in result.stdout
     refused = _run(REPORT, "select", root, "--metric", "test/neg_elbo", cwd=tmp_path)
     assert refused.returncode == 1 and "validation numbers only" in refused.stderr

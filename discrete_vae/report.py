@@ -41,9 +41,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from discrete_vae import records
-from discrete_vae.cli import override_pairs
+from discrete_vae.cli import CONF, override_pairs
 from discrete_vae.errors import ConfigError, DataError
 from discrete_vae.records import DIVERGED, DONE, EARLIER_DIR, FAILED, FINISHED, METRICS_FILE, UNFINISHED
 
@@ -531,11 +533,6 @@ def preset_rate(overrides: tuple[str, ...]) -> float | None:
     rate of that configuration's fixed-rate runs. None where conf/ cannot compose them (an
     experiment of another checkout, a misspelt override)."""
     if overrides not in _PRESET_RATES:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
-
-        from discrete_vae.cli import CONF
-
         rate = None
         if not GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config is not ours to swap
             try:

@@ -451,7 +451,7 @@ def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
     colours = ("tab:blue", "tab:orange", "tab:green")
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6), dpi=100)
     for j, (metric, colour) in enumerate(zip(metrics, colours)):
-        offset = 0.25 * (j - (len(metrics) - 1) / 2)
+        offset, label = 0.25 * (j - (len(metrics) - 1) / 2), metric  # labelled once, at its first point
         for i, row in enumerate(rows):
             values = [v for r in runs if r.config == row["config"] and r.status == FINISHED
                       and (v := r.metric(metric)) is not None]  # fmt: skip
@@ -459,14 +459,15 @@ def plot_test(path: Path, runs: list[Run], rows: list[dict]) -> None:
                 continue
             mean, std = mean_std(values)
             ax.scatter(values, [i + offset] * len(values), s=12, color=colour, alpha=0.5)
-            ax.errorbar(mean, i + offset, xerr=std or 0, fmt="o", color=colour, capsize=3,
-                        label=metric if i == 0 else None)  # fmt: skip
+            ax.errorbar(mean, i + offset, xerr=std or 0, fmt="o", color=colour, capsize=3, label=label)
+            label = None
     ax.set_yticks(range(len(rows)), [plot_text(row["config"]) for row in rows])
     ax.invert_yaxis()
     ax.set_xlabel("nats per test image (lower is better)")
     ax.set_title("final test NLL bounds: mean ± 1 s.d. over seeds, dots = seeds")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # (no finished run: an empty plot, no legend to warn about)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

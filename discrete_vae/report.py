@@ -554,7 +554,8 @@ def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[di
     finished runs have the lowest mean validation bound. The measure is `metric`, else val/nll_iwae
     where every run logged it, else val/neg_elbo; a test number never chooses (a metric outside val/
     is refused). Each row has the command that trains the chosen rate at the preset's budget with 3
-    seeds (the grid's budget keys dropped), and `fixed_rate` true where the chosen rate is the one
+    seeds (the grid's budget keys dropped), `edge` ("smallest", "largest" or None) where the chosen
+    rate is at the end of the grid, and `fixed_rate` true where the chosen rate is the one
     conf/ gives that configuration anyway: its fixed-rate runs (docs/results/<experiment>) are then
     already the tuned runs, and `results` puts them in the tuned table."""
     if metric is not None and not str(metric).startswith("val/"):
@@ -582,8 +583,11 @@ def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[di
         command = (" ".join(["python scripts/train.py -m", *keep, f"{LR_KEY}={chosen}", "seed=1,2,3"])
                    if chosen is not None else None)
         preset = preset_rate(tuple(keep))
+        ordered = sorted(scored, key=_rate_order)
+        edge = None if chosen is None or len(ordered) < 2 else (
+            "smallest" if chosen == ordered[0] else "largest" if chosen == ordered[-1] else None)
         rows.append({"config": config or "all", "metric": metric, "chosen": chosen, "command": command,
-                     "preset_config": keep, "preset_rate": preset,
+                     "preset_config": keep, "preset_rate": preset, "edge": edge,
                      "fixed_rate": chosen is not None and preset is not None and _same_rate(chosen, preset),
                      "rates": {rate: {"mean": s, "runs": n} for rate, (s, n) in scores.items()}})
     return rows
@@ -607,8 +611,12 @@ def selection_lines(rows: list[dict], title: str | None = None) -> list[str]:
     lines += md_head(["configuration", LR_KEY, "runs", metric, "chosen"])
     for row in rows:
         for rate, score in sorted(row["rates"].items(), key=lambda kv: _rate_order(kv[0])):
-            mark = ("yes" + (" (preset's)" if row["fixed_rate"] else "")) if rate == row["chosen"] else ""
+            notes = ["preset's"] * row["fixed_rate"] + [f"the grid's {row['edge']}"] * bool(row["edge"])
+            mark = ("yes" + (f" ({'; '.join(notes)})" if notes else "")) if rate == row["chosen"] else ""
             lines.append(md_row([row["config"], rate, score["runs"], fmt(score["mean"]), mark]))
+    if edges := sum(bool(r["edge"]) for r in rows):
+        lines += ["", f"{edges} of {len(rows)} chosen rates are at the grid's edge: the best rate may lie "
+                      f"beyond it, so a grid extended on that side could choose another."]
     todo = [r["command"] for r in rows if r["command"] and not r["fixed_rate"]]
     lines += ["", "Then, at the preset's budget:", "", "```bash", *todo, "```"] if todo else [
         "", "Every chosen rate is its preset's: the fixed-rate runs are the tuned runs."]

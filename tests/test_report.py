@@ -222,8 +222,8 @@ def test_a_learning_rate_grid_chooses_the_tuned_rows_and_reuses_the_fixed_rate_r
     assert "| 112.00 ± 1.00 |" in tuned["estimator=st,optimizer.lr=1e-3"]  # the fixed-rate st runs' bound
     assert "| 117.00 ± 1.00 |" in tuned["estimator=sf,optimizer.lr=3e-4"]  # the tuned sf runs'
     selection = text.split("<!-- report:jang2017_lr-selection -->")[1].split("<!-- /report")[0]
-    assert "| estimator=st,experiment=jang2017,trainer.max_steps=200 | 1e-3 | 1 | 136.00 | yes (preset's) |" in selection
-    assert "| estimator=sf,experiment=jang2017,trainer.max_steps=200 | 3e-4 | 1 | 141.00 | yes |" in selection
+    assert "| estimator=st,experiment=jang2017,trainer.max_steps=200 | 1e-3 | 1 | 136.00 | yes (preset's; the grid's largest) |" in selection
+    assert "| estimator=sf,experiment=jang2017,trainer.max_steps=200 | 3e-4 | 1 | 141.00 | yes (the grid's smallest) |" in selection
     assert "python scripts/train.py -m estimator=sf experiment=jang2017 optimizer.lr=3e-4 seed=1,2,3" in selection
     assert "<!-- report:jang2017_lr-table -->\n<!-- /report:jang2017_lr-table -->" in text  # no table of the grid
     summary = text.split("<!-- report:summary -->")[1]
@@ -363,10 +363,13 @@ def test_select_chooses_each_estimators_rate_on_validation_never_on_test(tmp_pat
     assert sf["rates"]["3e-4"] == {"mean": 111.5, "runs": 2}
     assert "optimizer.lr=1e-3 seed=1,2,3" in st["command"] and "max_steps" not in st["command"]
     assert "experiment=jang2017" in st["command"]
-    assert "| estimator=st" in result.stdout and "| yes |" in result.stdout
+    assert "| estimator=st" in result.stdout
     # st's chosen 1e-3 is the rate conf/ gives experiment=jang2017: its fixed-rate runs are the tuned ones
     assert st["fixed_rate"] and st["preset_rate"] == 1e-3 and not sf["fixed_rate"]
     assert "| yes (preset's) |" in result.stdout and sf["command"] in result.stdout
+    # sf's 3e-4 is the grid's smallest rate: a wider grid might choose another, and the page says so
+    assert sf["edge"] == "smallest" and st["edge"] is None and "| yes (the grid's smallest) |" in result.stdout
+    assert "1 of 2 chosen rates are at the grid's edge" in result.stdout
     assert st["command"] not in result.stdout
     refused = _run(REPORT, "select", root, "--metric", "test/neg_elbo", cwd=tmp_path)
     assert refused.returncode == 1 and "validation numbers only" in refused.stderr

@@ -252,13 +252,15 @@ def read_curve(folder: Path) -> list[tuple[int, float]]:
     return finite(sorted(by_step.items()))
 
 
-def name_configs(runs: list[Run]) -> None:
+def name_configs(runs: list[Run], always: tuple[str, ...] = ()) -> None:
     """config = the run's overrides minus the seed and the keys that do not name a run, and minus the overrides
-    that every finished run shares (a failed run started by hand may lack some of those)."""
+    that every finished run shares (a failed run started by hand may lack some of those) unless their key
+    is one of `always` (a tuned table's estimator and rate name its rows even when it has one)."""
 
     kept = [[o for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED] for run in runs]
     reference = [k for run, k in zip(runs, kept) if run.status == FINISHED] or kept
     shared = set.intersection(*(set(k) for k in reference)) if reference else set()
+    shared = {o for o in shared if _key(o) not in always}
     for run, items in zip(runs, kept):
         distinct = [o for o in items if o not in shared]
         if len(distinct) == 1 and distinct[0].startswith("estimator="):
@@ -889,7 +891,7 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
         if stand_in := fixed_rate_runs(chosen, folders.get(experiment, [])):
             tables[experiment + TUNED] = tables.get(experiment + TUNED, []) + stand_in
     for name, runs in sorted(tables.items()):
-        name_configs(runs)
+        name_configs(runs, always=("estimator", LR_KEY) if name.endswith(TUNED) else ())
         rows = summarise(runs)
         exact = any(r.metric("eval/nll_exact") is not None for r in runs)
         blocks[f"{name}-table"] = results_table(runs, rows, paper=paper_of(name), exact=exact)

@@ -229,6 +229,15 @@ def test_a_learning_rate_grid_chooses_the_tuned_rows_and_reuses_the_fixed_rate_r
     summary = text.split("<!-- report:summary -->")[1]
     assert "jang2017_tuned" in summary and "jang2017_lr" not in summary
     assert not (root / "jang2017_lr_val_neg_elbo.png").exists() and (root / "jang2017_tuned_test_nll.png").exists()
+    # a tuned table of one estimator still names its row with the estimator and the rate
+    for folder in (root / "jang2017_tuned").iterdir():
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    assert _run(REPORT, "results", root, "--markdown", markdown, cwd=tmp_path).returncode == 0
+    tuned = markdown.read_text().split("<!-- /report:jang2017_tuned-table")[0].splitlines()
+    assert [line.split("|")[1].strip() for line in tuned if line.startswith("| estimator=")] == [
+        "estimator=st,optimizer.lr=1e-3"]
 
 
 def test_results_refuses_a_missing_records_folder(tmp_path):

@@ -27,8 +27,11 @@ def start(script: str, *args: str) -> subprocess.Popen:
     env = {"DISCRETE_VAE_DATA": str(shared_data_root()), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1",
            "PATH": "/usr/bin:/bin"}
+    # Ctrl-C as a terminal sends it, even where this test runs with SIGINT ignored (under nohup, or as a
+    # background job of a shell without job control), which the script would otherwise inherit
     return subprocess.Popen([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def interrupt(proc: subprocess.Popen, after_line: str | None = None, after_s: float = 0.0) -> tuple[int, str, str]:
@@ -43,7 +46,12 @@ def interrupt(proc: subprocess.Popen, after_line: str | None = None, after_s: fl
             pytest.fail(f"the script ended before printing {after_line!r}: {proc.stderr.read()[-2000:]}")
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # it ignored the interrupt: stop it, not leave it running
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the script went on for 120 s after Ctrl-C: {stderr[-2000:]}")
     return proc.returncode, "".join(out) + stdout, stderr
 
 

@@ -874,8 +874,8 @@ def results(records_root: Path, markdowns: list[Path]) -> dict[str, list[dict]]:
     learning-rate grid, <experiment>_lr/, gets <experiment>_lr-selection (the rates chosen on
     validation) and its provenance instead, and no table, plot or summary column (its budget is a
     reduced one); its configurations whose chosen rate is the preset's bring their fixed-rate runs of
-    <experiment>/ into <experiment>_tuned-table. Plots: records_root/<experiment>_val_neg_elbo.png and <experiment>_test_nll.png. Text
-    outside the blocks is left as it is."""
+    <experiment>/ into <experiment>_tuned-table. Plots: records_root/<experiment>_val_neg_elbo.png
+    and <experiment>_test_nll.png. Text outside the blocks is left as it is."""
     if not records_root.is_dir():
         raise DataError(f"{records_root} is not a directory of run records (docs/results)")
     folders = {p.name: runs for p in sorted(records_root.iterdir()) if p.is_dir() and (runs := find_runs(p))}

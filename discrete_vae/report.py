@@ -571,7 +571,7 @@ def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[di
     groups: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         rate = override_pairs(run.overrides).get(LR_KEY, "(the config's)")
-        rest = sorted(o.lstrip("+") for o in run.naming_overrides() if _key(o) not in (LR_KEY, *ALWAYS_IGNORED))
+        rest = sorted(o for o in config_items(run) if _key(o) != LR_KEY)
         groups.setdefault(",".join(rest), {}).setdefault(rate, []).append(run)
     rows = []
     for config, by_rate in sorted(groups.items()):
@@ -593,6 +593,12 @@ def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[di
                      "fixed_rate": chosen is not None and preset is not None and _same_rate(chosen, preset),
                      "rates": {rate: {"mean": s, "runs": n} for rate, (s, n) in scores.items()}})
     return rows
+
+
+def config_items(run: Run) -> list[str]:
+    """The overrides that make a run's configuration, the seed left out: how a grid's configurations
+    are grouped, and how the fixed-rate runs of a configuration are found."""
+    return [o.lstrip("+") for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED]
 
 
 def _same_rate(rate: str, preset: float) -> bool:
@@ -698,7 +704,7 @@ def fixed_rate_runs(chosen: list[dict], runs: list[Run]) -> list[Run]:
             continue
         config = set(row["preset_config"])
         for run in runs:
-            if {o.lstrip("+") for o in run.naming_overrides() if _key(o) not in ALWAYS_IGNORED} == config:
+            if set(config_items(run)) == config:
                 stand_in.append(replace(run, overrides=[*run.overrides, f"{LR_KEY}={row['chosen']}"], config=""))
     return stand_in
 

@@ -823,13 +823,14 @@ def other_budget(finished: list[Run], done: list[Run]) -> str:
 
 def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
     """The finished runs that stand for an estimator in an experiment: one configuration, never an
-    average over several: the longest-trained, then the one with the most seeds, then the first by
-    name (sorted: the same on every rebuild). Empty when it has none."""
+    average over several: the longest-trained, then the one with the most seeds, then the one with
+    the fewest overrides (the preset's own over a variant of it, such as another learning rate), then
+    the first by name (sorted: the same on every rebuild). Empty when it has none."""
     configs = {r.config for r in finished if r.estimator == estimator}
     if not configs:
         return []
     best = max(sorted(configs), key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
-                                       sum(r.config == c for r in finished)))
+                                       sum(r.config == c for r in finished), -c.count(",")))
     return [r for r in finished if r.config == best]
 
 

@@ -282,6 +282,27 @@ def test_summary_keeps_configurations_apart_and_states_a_reduced_budget(sweep, t
     assert table1.endswith("| 85.0† (`st`, 4,000 steps) |")
 
 
+def test_the_presets_configuration_stands_for_its_estimator_over_a_variant_at_the_same_budget(tmp_path):
+    """Table 1 and the summary show an estimator's preset configuration, not a variant of it (another
+    rate, another option) that has as many steps and seeds, whichever sorts first by name."""
+    records = tmp_path / "results"
+    for seed in (1, 2, 3):
+        _record(records / "jang2017" / f"sf{seed}", "sf", seed, 120.0, steps=50000)
+        _record(records / "jang2017" / f"sf_lr{seed}", "sf", seed, 100.0, "optimizer.lr=0.0003", steps=50000)
+        _record(records / "jang2017" / f"mp{seed}", "muprop", seed, 110.0, steps=50000)
+        _record(records / "jang2017" / f"mp_mf{seed}", "muprop", seed, 90.0, "estimator.above=mean_field",
+                steps=50000)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n"
+                      "<!-- report:jang2017-table1 -->\n<!-- /report:jang2017-table1 -->\n")
+    result = _run(REPORT, "results", records, "--markdown", readme, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = readme.read_text()
+    assert "| sf | 112.0 ± 1.0 (IWAE, n=3) |" in text and "| muprop | 102.0 ± 1.0 (IWAE, n=3) |" in text
+    table1 = next(line for line in text.splitlines() if line.startswith("| VAE (Cat.) `jang2017` |"))
+    assert table1.startswith("| VAE (Cat.) `jang2017` | 112.0 / 110.6 | — / 128.8 | 102.0 / 107.0 |")
+
+
 def test_the_tuned_runs_table_has_its_experiments_paper_column():
     from discrete_vae import report
 

@@ -829,8 +829,12 @@ def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
     configs = {r.config for r in finished if r.estimator == estimator}
     if not configs:
         return []
-    best = max(sorted(configs), key=lambda c: (max(r.record.get("steps") or 0 for r in finished if r.config == c),
-                                       sum(r.config == c for r in finished), -c.count(",")))
+    def rank(config: str) -> tuple[int, int, int]:
+        members = [r for r in finished if r.config == config]
+        return (max(r.record.get("steps") or 0 for r in members), len(members),
+                -min(len(config_items(r)) for r in members))  # counted overrides, not commas: a list value has some
+
+    best = max(sorted(configs), key=rank)
     return [r for r in finished if r.config == best]
 
 

@@ -283,7 +283,7 @@ class StochasticChain(nn.Module):
                        if lvl > level and not each.has_mean]
             if missing:
                 raise ConfigError(f"the mean-field network needs every layer above to have a mean; "
-                                  f"layer(s) {', '.join(missing)} have none")
+                                  f"layer(s) {', '.join(missing)} have none; set estimator.above=sampled")
             return cost(z, [MeanField()] * len(self.latents))
 
         cost.mean_field = mean_field  # Gu et al.'s f-bar, for MuProp (`above="mean_field"`)

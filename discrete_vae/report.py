@@ -43,6 +43,7 @@ from typing import NamedTuple
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from discrete_vae import records
 from discrete_vae.cli import CONF, override_pairs
@@ -531,23 +532,39 @@ BUDGET_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")  #
 SELECTION_FILES = ("selection.md", "selection.json")
 
 
-def preset_rate(overrides: tuple[str, ...]) -> float | None:
-    """The learning rate conf/ gives a run with these overrides (none of them optimizer.lr): the
-    rate of that configuration's fixed-rate runs. None where conf/ cannot compose them (an
-    experiment of another checkout, a misspelt override)."""
-    if overrides not in _PRESET_RATES:
-        rate = None
+def composed(overrides: tuple[str, ...]) -> DictConfig | None:
+    """conf/'s training config under these overrides (cached), or None where conf/ cannot compose
+    them (an experiment of another checkout, a misspelt override, a key this checkout dropped)."""
+    if overrides not in _COMPOSED:
+        config = None
         if not GlobalHydra.instance().is_initialized():  # inside a Hydra app: its config is not ours to swap
             try:
                 with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                    rate = float(compose("train", overrides=list(overrides)).optimizer.lr)
-            except Exception as err:  # any composition error means "not known": the row is then not reused
-                log.debug("no preset rate for %s: %s", overrides, err)
-        _PRESET_RATES[overrides] = rate
-    return _PRESET_RATES[overrides]
+                    config = compose("train", overrides=list(overrides))
+            except Exception as err:  # any composition error means "not known"
+                log.debug("conf/ cannot compose %s: %s", overrides, err)
+        _COMPOSED[overrides] = config
+    return _COMPOSED[overrides]
 
 
-_PRESET_RATES: dict[tuple[str, ...], float | None] = {}
+_COMPOSED: dict[tuple[str, ...], DictConfig | None] = {}
+
+
+def preset_rate(overrides: tuple[str, ...]) -> float | None:
+    """The learning rate conf/ gives a run with these overrides (none of them optimizer.lr): the
+    rate of that configuration's fixed-rate runs. None where conf/ cannot compose them."""
+    config = composed(overrides)
+    return None if config is None else float(config.optimizer.lr)
+
+
+def changing_overrides(items: tuple[str, ...]) -> int:
+    """How many of a configuration's overrides change the config conf/ composes: an override that
+    writes out today's default (`estimator.above=mean_field` where that is the default) changes
+    nothing and is not counted. Where conf/ cannot compose them, every override counts."""
+    full = composed(items)
+    if full is None:
+        return len(items)
+    return sum(composed(items[:i] + items[i + 1:]) != full for i in range(len(items)))
 
 
 def choose_learning_rates(runs: list[Run], metric: str | None = None) -> list[dict]:
@@ -824,18 +841,26 @@ def other_budget(finished: list[Run], done: list[Run]) -> str:
 def headline_runs(finished: list[Run], estimator: str) -> list[Run]:
     """The finished runs that stand for an estimator in an experiment: one configuration, never an
     average over several: the longest-trained, then the one with the most seeds, then the one with
-    the fewest overrides (the preset's own over a variant of it, such as another learning rate), then
-    the first by name (sorted: the same on every rebuild). Empty when it has none."""
-    configs = {r.config for r in finished if r.estimator == estimator}
-    if not configs:
+    the fewest overrides that change conf/'s config (the preset's own over a variant of it, such as
+    another learning rate; an override that writes out today's default counts as none), then the
+    fewest overrides, then the first by name (sorted: the same on every rebuild). Empty when it has none."""
+    members = {}
+    for r in finished:
+        if r.estimator == estimator:
+            members.setdefault(r.config, []).append(r)
+    if not members:
         return []
-    def rank(config: str) -> tuple[int, int, int]:
-        members = [r for r in finished if r.config == config]
-        return (max(r.record.get("steps") or 0 for r in members), len(members),
-                -min(len(config_items(r)) for r in members))  # counted overrides, not commas: a list value has some
+    def budget(config: str) -> tuple[int, int]:
+        return max(r.record.get("steps") or 0 for r in members[config]), len(members[config])
 
-    best = max(sorted(configs), key=rank)
-    return [r for r in finished if r.config == best]
+    top = max(budget(c) for c in members)
+    tied = sorted(c for c in members if budget(c) == top)  # composing conf/ only where the budget ties
+    def presetness(config: str) -> tuple[int, int]:
+        items = min((tuple(config_items(r)) for r in members[config]), key=len)  # counted, not commas: a list value has some
+        return -changing_overrides(items), -len(items)
+
+    best = max(tied, key=presetness) if len(tied) > 1 else tied[0]
+    return members[best]
 
 
 def headline(runs: list[Run], estimator: str) -> tuple[float | None, str, str]:

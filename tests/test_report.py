@@ -303,6 +303,30 @@ def test_the_presets_configuration_stands_for_its_estimator_over_a_variant_at_th
     assert table1.startswith("| VAE (Cat.) `jang2017` | 112.0 / 110.6 | — / 128.8 | 102.0 / 107.0 |")
 
 
+def test_an_override_that_writes_out_the_default_counts_as_the_presets_configuration(tmp_path):
+    """Runs that name today's default explicitly (kept from when it was not the default, or typed out)
+    are the preset's configuration: they stand for their estimator over a variant with as many
+    overrides, steps and seeds that sorts first by name."""
+    from discrete_vae.report import changing_overrides, preset_rate
+
+    rate = preset_rate(("experiment=jang2017", "estimator=st"))
+    other = rate * 0.3
+    assert f"optimizer.lr={other}" < f"optimizer.lr={rate}"  # the variant sorts first
+    base = ("experiment=jang2017", "estimator=st")
+    assert changing_overrides((*base, f"optimizer.lr={rate}")) == 2
+    assert changing_overrides((*base, f"optimizer.lr={other}")) == 3
+    assert changing_overrides(("experiment=no_such_experiment", "estimator=st")) == 2  # unknown: all count
+    records = tmp_path / "results"
+    for seed in (1, 2, 3):
+        _record(records / "jang2017" / f"a{seed}", "st", seed, 100.0, f"optimizer.lr={other}", steps=50000)
+        _record(records / "jang2017" / f"b{seed}", "st", seed, 120.0, f"optimizer.lr={rate}", steps=50000)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- report:summary -->\n<!-- /report:summary -->\n")
+    result = _run(REPORT, "results", records, "--markdown", readme, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| st | 112.0 ± 1.0 (IWAE, n=3) |" in readme.read_text()
+
+
 def test_the_tuned_runs_table_has_its_experiments_paper_column():
     from discrete_vae import report
 

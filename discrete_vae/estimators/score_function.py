@@ -98,17 +98,17 @@ class MuProp(Estimator):
     for f'(mu)); only f(z) gives the decoder its gradient, and f(z) is the reported value.
 
     In a chain of stochastic layers, `above` says what f(mu) and f'(mu) see of the layers above
-    layer l: "sampled" (the default) runs them as for f(z), with their own estimators and fresh
-    draws, so h carries noise of its own; "mean_field" runs Gu et al.'s mean-field network
-    (Sec. 3.3, Fig. 1 left: "f-bar"), every layer above at its mean, so h is a deterministic
-    function of z_l. Both are unbiased (h never depends on the draws that f(z) uses above layer l);
+    layer l: "mean_field" (the default) runs Gu et al.'s mean-field network (Sec. 3.3, Fig. 1
+    left: "f-bar"), every layer above at its mean, so h is a deterministic function of z_l;
+    "sampled" runs them as for f(z), with their own estimators and fresh draws, so h carries
+    noise of its own. Both are unbiased (h never depends on the draws that f(z) uses above layer l);
     with one layer they are the same.
     """
 
     needs = ("has_mean",)
     ABOVE = ("sampled", "mean_field")
 
-    def __init__(self, above: str = "sampled"):
+    def __init__(self, above: str = "mean_field"):
         super().__init__()
         if above not in self.ABOVE:
             raise ConfigError(f"estimator.above must be one of {', '.join(self.ABOVE)} for muprop, got {above!r}")

@@ -234,14 +234,26 @@ def run_folder_lock(output_dir: Path):
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def estimator_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """The estimator's options as this run used them (`estimator.above=mean_field`, ...), or None
+    where they do not resolve (the record of a config error)."""
+    try:
+        options = OmegaConf.to_container(cfg.estimator, resolve=True)
+    except Exception:  # an unresolvable interpolation, no estimator node: the record still gets written
+        return None
+    return options if isinstance(options, dict) else None
+
+
 def write_record(cfg: DictConfig, output_dir: Path, start: float, **fields: Any) -> dict[str, Any]:
-    """metrics.json of a run (discrete_vae.records): estimator, overrides, seed, wall time, and
+    """metrics.json of a run (discrete_vae.records): estimator, its resolved options (so that a
+    default changed later leaves no record ambiguous), overrides, seed, wall time, and
     `fields` (status, metrics, ...), written by rank zero only. A finished (or diverged) record
     already there is never replaced: a fresh start sets it aside first, so one still there belongs
     to a run that this process did not start (a config error before the start, say)."""
     summary = run_summary(cfg)
     record = {
         "estimator": summary["choices"].get("estimator"),
+        "estimator_config": estimator_options(cfg),
         "overrides": summary["overrides"],
         "seed": cfg.get("seed"),
         "wall_time_s": round(time.perf_counter() - start, 2),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -81,6 +82,9 @@ def test_every_estimator_trains_and_logs(name, trained):
         assert len(adam["state"]) == len(adam["param_groups"][0]["params"]), "every parameter got a gradient"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["estimator"] == name and metrics["steps"] == 4
+    options = metrics["estimator_config"]  # the resolved options: a default changed later leaves no doubt
+    assert options["_target_"].startswith("discrete_vae.estimators.")
+    assert options == OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "estimator" / f"{name}.yaml"))
     assert metrics["metrics"]["val/neg_elbo"] == pytest.approx(val, rel=1e-5)
     assert metrics["machine"]["cpu"] and metrics["machine"]["threads"] >= 1 and metrics["machine"]["torch"]
     assert metrics["commit"] is None or len(metrics["commit"]) >= 7  # None outside a git checkout
